@@ -1,0 +1,168 @@
+"""Shared plumbing for the Triton kernels: backend choice, launch configs, and one tiled matmul.
+
+Under ``TRITON_INTERPRET=1`` (CPU CI) every kernel runs through Triton's numpy interpreter, which costs about
+a millisecond per program and multiplies bf16 ``tl.dot`` operands as raw integer bits. Kernels therefore take
+an ``UPCAST`` constexpr (operands go to float32 before ``tl.dot`` when interpreting) and launch with one fixed,
+large-block config (``INTERPRET_BLOCKS``, which tests may shrink to reach several blocks per dimension).
+On a GPU the kernels are autotuned over a short list of Hopper-friendly configs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, at import: Triton binds kernels to the interpreter when they are decorated, so the variable
+# must already be set (tests/conftest.py sets it before any kernel module is imported).
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Block sizes used under the interpreter (and by AOT reports as "the interpreter config"). Large blocks
+# keep the number of interpreted programs small; tests shrink them to exercise block boundaries.
+INTERPRET_BLOCKS: dict[str, int] = {
+    "BLOCK_N": 16,
+    "BLOCK_V": 32,
+    "BLOCK_H": 16,
+    "BLOCK_M": 16,
+    "BLOCK_K": 32,
+    "BLOCK_T": 64,
+}
+
+IMPLS = ("auto", "triton", "torch")
+
+
+def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
+    """True when ``impl`` asks for the Triton path (``"auto"``: CUDA tensors or the interpreter is on)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
+    if impl == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if impl == "triton":
+        if not (on_cuda or INTERPRET):
+            raise RuntimeError(
+                "impl='triton' needs CUDA tensors or TRITON_INTERPRET=1 set before rlcs_fast.kernels is "
+                "imported; use impl='torch' (or 'auto') on CPU"
+            )
+        return True
+    return on_cuda or INTERPRET
+
+
+def autotuned(kernel, configs: list[triton.Config], key: list[str], **kwargs):
+    """The autotuned wrapper of ``kernel`` on a GPU; ``None`` under the interpreter (one fixed config)."""
+    if INTERPRET:
+        return None
+    return triton.autotune(configs=configs, key=key, **kwargs)(kernel)
+
+
+def launch(kernel, tuned, grid: Callable[[dict], tuple], *args, names: tuple[str, ...], **kwargs) -> None:
+    """Launch ``tuned`` (autotuner picks blocks) or, under the interpreter, ``kernel`` with fixed blocks."""
+    if tuned is not None:
+        tuned[grid](*args, **kwargs)
+        return
+    meta = {name: INTERPRET_BLOCKS[name] for name in names}
+    kernel[grid(meta)](*args, **kwargs, **meta, num_warps=4)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to tf32 (10-bit mantissa) on Ampere/Hopper tensor cores; for 16-bit
+    # inputs the setting is ignored.
+    return "ieee" if dtype == torch.float32 or INTERPRET else "tf32"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# C (+)= A @ B with float32 accumulation; any strides, so transposed views cost nothing. It computes
+# dh = dlogits @ W and dW += dlogits^T @ h: both are plain GEMMs once dlogits of a token chunk exist, and a
+# GEMM tiled over the output owns each output tile, so dW needs no atomics (the usual fused-CE kernels
+# scatter dW with atomic adds from every token block).
+# ----------------------------------------------------------------------------------------------------------
+
+MATMUL_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+
+
+@triton.jit
+def _matmul_kernel(
+    a_ptr, b_ptr, c_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    ACCUMULATE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # Grouped tile order: GROUP_M row-tiles share each column tile while it is hot in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        offs_k64 = offs_k.to(tl.int64)
+        a = tl.load(
+            a_ptr + offs_m64[:, None] * stride_am + offs_k64[None, :] * stride_ak,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + offs_k64[:, None] * stride_bk + offs_n64[None, :] * stride_bn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
+    c_mask = mask_m[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+# ACCUMULATE reads C: the autotuner's trial runs must not compound into it.
+_matmul_tuned = autotuned(_matmul_kernel, MATMUL_CONFIGS, key=["M", "N", "K"], restore_value=["c_ptr"])
+
+
+def matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, accumulate: bool) -> torch.Tensor:
+    """``c = a @ b`` (or ``c += a @ b``) with float32 accumulation, written into ``c`` (any dtype)."""
+    M, K = a.shape
+    K2, N = b.shape
+    assert K == K2 and c.shape == (M, N), f"matmul shapes {tuple(a.shape)} @ {tuple(b.shape)} -> {tuple(c.shape)}"
+    # Mixed operand dtypes (fp32 dlogits with fp16 weights) and fp32 run as exact fp32 dots.
+    upcast = INTERPRET or a.dtype != b.dtype or a.dtype == torch.float32
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    args = (a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    if _matmul_tuned is not None:
+        _matmul_tuned[grid](
+            *args, ACCUMULATE=accumulate, UPCAST=upcast, INPUT_PRECISION="ieee" if upcast else "tf32"
+        )
+    else:
+        meta = {"BLOCK_M": INTERPRET_BLOCKS["BLOCK_M"], "BLOCK_N": INTERPRET_BLOCKS["BLOCK_V"],
+                "BLOCK_K": INTERPRET_BLOCKS["BLOCK_K"], "GROUP_M": 4}  # fmt: skip
+        _matmul_kernel[grid(meta)](
+            *args, ACCUMULATE=accumulate, UPCAST=True, INPUT_PRECISION="ieee", **meta, num_warps=4
+        )
+    return c

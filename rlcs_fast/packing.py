@@ -1,0 +1,382 @@
+"""Padding-free packed batches for Qwen2.5-VL: positions, packing, micro-batch planning, the forward.
+
+Several sequences are concatenated into one row of L tokens with no padding. What keeps them apart:
+- ``position_ids`` of shape [4, 1, L]: row 0 holds text positions that restart at 0 per sequence (the
+  model reads packing from this row), rows 1-3 the sequence's own 3-D mrope positions. With 2-D or
+  3-row positions transformers silently attends across sequences, so ``forward_hidden`` refuses them.
+- ``cu_seqlens`` and ``max_seqlen`` computed here on the host and handed to every attention layer
+  (``rlcs_fast.attention``), so no layer reads boundaries back from the device.
+- The vision tower's window and segment metadata, also computed here from ``image_grid_thw`` when
+  ``pack`` gets the vision config, so the ViT does no host syncs either.
+
+mrope positions are computed per sample before packing (``mrope_positions``): transformers'
+``get_rope_index`` gives wrong positions for packed attention masks (LlamaFactory#7754).
+"""
+
+from __future__ import annotations
+
+import heapq
+import warnings
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Sample:
+    """One tokenized sequence (made by data.py for SFT, by the rollout for GRPO)."""
+
+    input_ids: Tensor  # [T] int64
+    target_mask: Tensor  # [T] bool: token t is a training target (predicted from position t-1)
+    position_ids: Tensor  # [3, T] int64: this sequence's own Qwen2.5-VL mrope positions
+    pixel_values: Tensor | None = None  # [P, 1176] patches of its images, in order
+    image_grid_thw: Tensor | None = None  # [I, 3]
+
+
+@dataclass
+class PackedBatch:
+    """S sequences packed into one row of L tokens."""
+
+    input_ids: Tensor  # [1, L]
+    position_ids: Tensor  # [4, 1, L]: row 0 text positions restarting at 0 per sequence; rows 1-3 mrope
+    cu_seqlens: Tensor  # [S+1] int32
+    max_seqlen: int
+    pixel_values: Tensor | None  # [ΣP, 1176], in sequence order
+    image_grid_thw: Tensor | None  # [ΣI, 3]; kept on the host by `to` (only read there, see `to`)
+    targets: Tensor  # [L] int64: next token (input_ids rolled by -1)
+    loss_mask: Tensor  # [L] bool: hidden position i predicts a target token of its own sequence
+    seq_ids: Tensor  # [L] int64: sequence index 0..S-1 of each token
+    seq_lens: list[int] = field(default_factory=list)  # host copy of the S lengths (unpack, no sync)
+    num_loss_tokens: int = 0  # host count of loss_mask (loss normalisation without a sync)
+    # Precomputed inputs of the vision tower (`image_cu_seqlens`, `image_window_index`, ...), passed to
+    # the model as kwargs; empty when pack() had no vision config (the tower then computes them).
+    vision_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        """A copy on ``device``. ``image_grid_thw`` stays on the host: the model only reads it there
+        (``.tolist()`` to split image features), and a device copy would cost a sync per forward."""
+
+        def move(x: Any) -> Any:
+            return x.to(device, non_blocking=non_blocking) if isinstance(x, Tensor) else x
+
+        moved = {f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "image_grid_thw"}
+        moved["vision_kwargs"] = {k: move(v) for k, v in self.vision_kwargs.items()}
+        return replace(self, **moved)
+
+
+def mrope_positions(model_config: Any, input_ids: Tensor, image_grid_thw: Tensor | None) -> Tensor:
+    """Qwen2.5-VL 3-D rope positions of one sequence → [3, T] int64.
+
+    The same numbers as ``Qwen2_5_VLModel.get_rope_index`` (transformers 5.x), vectorised: text tokens
+    count up by one; an image of LLM grid (t, h, w) placed at position p gets (p + t_i, p + h_i, p + w_i)
+    and the text after it continues at p + max(h, w). Images are matched to ``image_grid_thw`` rows in
+    order by their token count (t·h·w / merge²), so adjacent images need no separator. Images only."""
+    input_ids = input_ids.reshape(-1)
+    n = input_ids.numel()
+    device = input_ids.device
+    is_image = input_ids == model_config.image_token_id
+    if (input_ids == model_config.video_token_id).any():
+        raise NotImplementedError("video inputs are not supported by rlcs_fast packing")
+    if image_grid_thw is None or image_grid_thw.numel() == 0:
+        if is_image.any():
+            raise ValueError(f"{int(is_image.sum())} <|image_pad|> tokens but no image_grid_thw")
+        return torch.arange(n, device=device).expand(3, n).clone()
+
+    merge = model_config.vision_config.spatial_merge_size
+    grid = image_grid_thw.to(device=device, dtype=torch.long).reshape(-1, 3)
+    t, h, w = grid[:, 0], grid[:, 1] // merge, grid[:, 2] // merge  # LLM grid of each image
+    tokens = t * h * w  # [I] image tokens per image
+    cum_tokens = torch.cumsum(tokens, 0)  # [I]
+    if int(cum_tokens[-1]) != int(is_image.sum()):
+        raise ValueError(
+            f"{int(is_image.sum())} <|image_pad|> tokens but image_grid_thw {grid.tolist()} needs "
+            f"{int(cum_tokens[-1])} (t·h·w/{merge * merge} per image)"
+        )
+    advance = torch.maximum(h, w)  # text position advance of each image
+    cum_advance = torch.cat([advance.new_zeros(1), torch.cumsum(advance, 0)])  # [I+1]
+
+    is_text = ~is_image
+    text_before = torch.cumsum(is_text.long(), 0) - is_text.long()  # text tokens strictly before i
+    image_before = torch.cumsum(is_image.long(), 0) - is_image.long()  # image tokens strictly before i
+    # Index of the image a token is in (image tokens) or of the images already finished (text tokens).
+    image_idx = torch.searchsorted(cum_tokens, image_before, right=True)  # [T]
+    start = text_before + cum_advance[image_idx]  # position where the current run starts
+    pos = start.expand(3, n).clone()
+
+    img_idx = image_idx[is_image]  # [N_img]
+    local = image_before[is_image] - (cum_tokens - tokens)[img_idx]  # index inside its image
+    hw, wi = (h * w)[img_idx], w[img_idx]
+    offsets = torch.stack([local // hw, (local // wi) % h[img_idx], local % wi])  # [3, N_img] (t, h, w)
+    pos[:, is_image] = start[is_image] + offsets
+    return pos
+
+
+def extend_positions(positions: Tensor, n_new: int) -> Tensor:
+    """Append the positions of ``n_new`` generated tokens to a prompt's [3, T] mrope positions →
+    [3, T + n_new]. As in generation (``rope_deltas``), token k of the response sits at
+    max(prompt positions) + 1 + k on all three rows; a Qwen chat prompt ends in text, so this is the
+    prompt's last position + 1."""
+    start = positions.max() + 1 if positions.numel() else positions.new_tensor(0)
+    new = (start + torch.arange(n_new, device=positions.device, dtype=positions.dtype)).expand(3, n_new)
+    return torch.cat([positions, new], dim=1)
+
+
+def vision_kwargs(vision_config: Any, image_grid_thw: Tensor) -> dict[str, Any]:
+    """The ViT's data-dependent inputs for ``image_grid_thw``, computed on the host with transformers'
+    own ``vision_utils`` and named as ``get_image_features`` accepts them precomputed (``image_*``)."""
+    from transformers.vision_utils import (
+        get_vision_cu_seqlens,
+        get_vision_position_ids,
+        get_vision_window_index,
+    )
+
+    grid = image_grid_thw.cpu()
+    merge = vision_config.spatial_merge_size
+    cu_seqlens = get_vision_cu_seqlens(grid)
+    window_index, cu_window_seqlens = get_vision_window_index(
+        grid,
+        spatial_merge_size=merge,
+        window_size=vision_config.window_size,
+        patch_size=vision_config.patch_size,
+    )
+    return {
+        "image_position_ids": get_vision_position_ids(grid, merge),
+        "image_cu_seqlens": cu_seqlens,
+        "image_max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+        "image_window_index": window_index,
+        "image_cu_window_seqlens": cu_window_seqlens,
+        "image_max_window_seqlen": int((cu_window_seqlens[1:] - cu_window_seqlens[:-1]).max()),
+    }
+
+
+def pack(samples: list[Sample], vision_config: Any | None = None) -> PackedBatch:
+    """Concatenate ``samples`` into one padding-free row. Pass the model's ``config.vision_config``
+    to precompute the vision tower's metadata here (no host syncs in the forward)."""
+    if not samples:
+        raise ValueError("pack() needs at least one sample")
+    for i, s in enumerate(samples):
+        t = s.input_ids.numel()
+        assert s.input_ids.ndim == 1 and t > 0, (
+            f"sample {i}: input_ids must be [T>0], got {tuple(s.input_ids.shape)}"
+        )
+        assert s.target_mask.shape == (t,), f"sample {i}: target_mask {tuple(s.target_mask.shape)} != ({t},)"
+        assert s.position_ids.shape == (3, t), (
+            f"sample {i}: position_ids {tuple(s.position_ids.shape)} != (3, {t})"
+        )
+        assert (s.pixel_values is None) == (s.image_grid_thw is None), (
+            f"sample {i}: pixels without grid or back"
+        )
+        if s.pixel_values is not None:
+            patches = int(s.image_grid_thw.prod(-1).sum())
+            assert s.pixel_values.shape[0] == patches, (
+                f"sample {i}: {s.pixel_values.shape[0]} patch rows, image_grid_thw needs {patches}"
+            )
+
+    seq_lens = [s.input_ids.numel() for s in samples]
+    lengths = torch.tensor(seq_lens)
+    n = int(lengths.sum())
+    cu_seqlens = torch.zeros(len(samples) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(lengths, 0)
+    seq_ids = torch.repeat_interleave(torch.arange(len(samples)), lengths)  # [L]
+    text_positions = torch.arange(n) - cu_seqlens[:-1].long()[seq_ids]  # restart at 0 per sequence
+
+    input_ids = torch.cat([s.input_ids.long() for s in samples])  # [L]
+    mrope = torch.cat([s.position_ids.long() for s in samples], dim=1)  # [3, L]
+    target_mask = torch.cat([s.target_mask.bool() for s in samples])  # [L]
+    is_last = torch.zeros(n, dtype=torch.bool)
+    is_last[cu_seqlens[1:].long() - 1] = True
+    # Hidden state i predicts token i+1; the last token of a sequence would predict the next
+    # sequence's first token, which is not a target of its own sequence.
+    loss_mask = torch.roll(target_mask, -1) & ~is_last
+
+    with_images = [s for s in samples if s.pixel_values is not None]
+    pixel_values = torch.cat([s.pixel_values for s in with_images]) if with_images else None
+    image_grid_thw = (
+        torch.cat([s.image_grid_thw.long().reshape(-1, 3) for s in with_images]) if with_images else None
+    )
+    vkw = (
+        vision_kwargs(vision_config, image_grid_thw) if (image_grid_thw is not None and vision_config) else {}
+    )
+    return PackedBatch(
+        input_ids=input_ids[None],
+        position_ids=torch.cat([text_positions[None], mrope])[:, None],
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max(seq_lens),
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
+        targets=torch.roll(input_ids, -1),
+        loss_mask=loss_mask,
+        seq_ids=seq_ids,
+        seq_lens=seq_lens,
+        num_loss_tokens=int(loss_mask.sum()),
+        vision_kwargs=vkw,
+    )
+
+
+def unpack(values: Tensor, batch: PackedBatch) -> list[Tensor]:
+    """Split per-token ``values`` [L, ...] of a packed batch back into one tensor per sequence."""
+    assert values.shape[0] == batch.num_tokens, f"values {tuple(values.shape)} vs {batch.num_tokens} tokens"
+    return list(torch.split(values, batch.seq_lens))
+
+
+_warned_oversized = False
+
+
+def plan_microbatches(lengths: list[int], max_tokens: int, world_size: int = 1) -> list[list[list[int]]]:
+    """Split one step's samples (their token ``lengths``) across ``world_size`` ranks and into
+    micro-batches of at most ``max_tokens`` tokens → ``plan[rank][micro]`` = sample indices.
+
+    1. Longest first, each sample goes to the rank with the fewest tokens so far (LPT greedy: rank
+       loads differ by at most the longest sample).
+    2. Per rank, first-fit-decreasing bins under ``max_tokens``. A sample longer than the budget gets a
+       micro-batch of its own (warned once).
+    3. Every rank must run the same number of micro-batches (FSDP collectives): a rank with fewer
+       splits its largest multi-sample micro-batch in two, repeatedly; only a rank with fewer samples
+       than that count is padded with empty micro-batches, which the loop must run as zero-loss
+       forwards so the collectives still match.
+    Deterministic: ties go to the lower index or rank."""
+    global _warned_oversized
+    if max_tokens <= 0 or world_size <= 0:
+        raise ValueError(f"max_tokens ({max_tokens}) and world_size ({world_size}) must be positive")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    loads = [(0, r) for r in range(world_size)]  # heap of (tokens, rank)
+    per_rank: list[list[int]] = [[] for _ in range(world_size)]
+    for i in order:
+        load, r = heapq.heappop(loads)
+        per_rank[r].append(i)
+        heapq.heappush(loads, (load + lengths[i], r))
+
+    plan: list[list[list[int]]] = []
+    for idx in per_rank:  # already in decreasing length
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for i in idx:
+            if lengths[i] > max_tokens:
+                if not _warned_oversized:
+                    warnings.warn(
+                        f"a sample of {lengths[i]} tokens exceeds max_tokens_per_microbatch={max_tokens}; "
+                        "it runs as a micro-batch of its own",
+                        stacklevel=2,
+                    )
+                    _warned_oversized = True
+                bins.append([i])
+                room.append(0)
+                continue
+            for b, free in enumerate(room):
+                if lengths[i] <= free:
+                    bins[b].append(i)
+                    room[b] -= lengths[i]
+                    break
+            else:
+                bins.append([i])
+                room.append(max_tokens - lengths[i])
+        plan.append(bins)
+
+    target = max(len(bins) for bins in plan)
+    for bins in plan:
+        while len(bins) < target:
+            splittable = [b for b in range(len(bins)) if len(bins[b]) > 1]
+            if not splittable:
+                bins.append([])
+                continue
+            b = max(splittable, key=lambda j: (sum(lengths[i] for i in bins[j]), -j))
+            first, second = [], []
+            load_first = load_second = 0
+            for i in bins[b]:  # decreasing length: greedy halves
+                if load_first <= load_second:
+                    first.append(i)
+                    load_first += lengths[i]
+                else:
+                    second.append(i)
+                    load_second += lengths[i]
+            bins[b : b + 1] = [first, second]
+    return plan
+
+
+def forward_hidden(model: nn.Module, batch: PackedBatch, *, touch_vision: bool | None = None) -> Tensor:
+    """Final hidden states (after the last norm) of a ``Qwen2_5_VLForConditionalGeneration`` on a
+    packed batch → [L, H]. No logits: the fused log-prob kernels take these and ``lm_head.weight``.
+
+    Runs ``model.model`` (FSDP2's ``fully_shard`` keeps that attribute; shard ``model.model`` as its
+    own unit, or its parameters stay sharded when it is called directly) with ``attention_mask=None``,
+    ``use_cache=False`` and the host-computed ``cu_seq_lens_q/k``/``max_length_q/k``.
+
+    ``touch_vision``: on a batch without images, run a dummy 1-image pass through the vision tower and
+    add 0 × its output, so the tower's parameters get (zero) gradients. Under FSDP every rank must join
+    the tower's gather and gradient reduce-scatter, or a rank whose micro-batch had images waits forever
+    for one whose had none (EasyR1 does the same). Default: on when torch.distributed runs >1 rank."""
+    n = batch.num_tokens
+    assert batch.position_ids.shape == (4, 1, n), (
+        f"packed position_ids must be [4, 1, {n}] (text row + 3 mrope rows), got {tuple(batch.position_ids.shape)}: "
+        "with 2-D or 3-row positions transformers silently attends across packed sequences"
+    )
+    assert batch.input_ids.shape == (1, n), f"input_ids must be [1, L], got {tuple(batch.input_ids.shape)}"
+    _check_fsdp_root(model)
+    inner = model.model
+    kwargs: dict[str, Any] = {
+        "cu_seq_lens_q": batch.cu_seqlens,
+        "cu_seq_lens_k": batch.cu_seqlens,
+        "max_length_q": batch.max_seqlen,
+        "max_length_k": batch.max_seqlen,
+    }
+    if batch.pixel_values is not None:
+        vkw = batch.vision_kwargs
+        if not vkw:  # pack() had no vision config: compute on the host, move once
+            vkw = {
+                k: v.to(batch.pixel_values.device) if isinstance(v, Tensor) else v
+                for k, v in vision_kwargs(inner.config.vision_config, batch.image_grid_thw).items()
+            }
+        kwargs.update(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw.cpu(), **vkw)
+    out = inner(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=None,
+        use_cache=False,
+        **kwargs,
+    )
+    hidden = out.last_hidden_state[0]
+    if touch_vision is None:
+        touch_vision = (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and (torch.distributed.get_world_size() > 1)
+        )
+    if touch_vision and batch.pixel_values is None:
+        hidden = hidden + 0.0 * _dummy_vision_output(inner.visual, hidden.device)
+    return hidden
+
+
+def _dummy_vision_output(visual: nn.Module, device: torch.device) -> Tensor:
+    """Sum of the vision tower's output on one smallest image of zeros (a scalar)."""
+    cfg = visual.config
+    side = 2 * cfg.spatial_merge_size
+    grid = torch.tensor([[1, side, side]])
+    patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+    pixels = torch.zeros(side * side, patch_dim, device=device, dtype=visual.dtype)
+    vkw = {
+        k.removeprefix("image_"): v.to(device) if isinstance(v, Tensor) else v
+        for k, v in vision_kwargs(cfg, grid).items()
+    }
+    return visual(pixels, grid_thw=grid, **vkw).pooler_output.sum()
+
+
+def _check_fsdp_root(model: nn.Module) -> None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return
+    if isinstance(model, FSDPModule) and not isinstance(model.model, FSDPModule):
+        raise RuntimeError(
+            "forward_hidden calls model.model directly, which skips the FSDP2 root's hooks: apply "
+            "fully_shard to model.model (after its layers, before the root) so its parameters are gathered"
+        )

@@ -1,0 +1,1 @@
+"""Rollout engines: one protocol (``RolloutEngine``), a transformers engine and a vLLM engine."""

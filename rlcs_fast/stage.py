@@ -1,0 +1,233 @@
+"""What a stage needs around its loop: the model and processor it starts from, its data tables, the
+rollout engine and reward scorer (built on first use), resume / save / export, and validation.
+
+On disk, per stage: ``<run.dir>/<stage>/checkpoints/step_N`` (resumable), ``<run.dir>/<stage>/hf`` (the
+exported Hugging Face directory the next stage starts from) and ``<run.dir>/<stage>/DONE``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint, dist
+from .config import Config, stage_lr
+from .data import Columns, Encoder, SkipCounter, check_columns, encode_many, lazy_images, load_table, rank_share
+from .metrics import MetricsLogger
+from .model import Policy, apply_activation_checkpointing, apply_fsdp, export_hf, load_model, load_processor
+from .rollout.engine import SamplingParams, make_engine
+from .trainer_utils import iter_full_weights
+
+log = logging.getLogger("rlcs_fast")
+
+
+def stage_dir(run_dir: str | Path, stage: str) -> Path:
+    return Path(run_dir) / stage
+
+
+def stage_done(run_dir: str | Path, stage: str) -> bool:
+    return (stage_dir(run_dir, stage) / "DONE").is_file()
+
+
+@dataclass
+class StageContext:
+    cfg: Config
+    stage: str
+    init_path: str  # HF directory the stage starts from
+    rank: int
+    world: int
+    device: torch.device
+    metrics: MetricsLogger
+    processor: Any = None
+    model_config: Any = None
+    policy: Policy | None = None
+    attention: str = ""
+    step: int = 0
+    _engine: Any = None
+    _scorer: Any = None
+    extra_state: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, cfg: Config, stage: str, init_path: str, *, rank: int, world: int, device: torch.device,
+               metrics: MetricsLogger) -> StageContext:
+        ctx = cls(cfg, stage, init_path, rank, world, device, metrics)
+        ctx.processor = load_processor(init_path, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+        model, ctx.attention = load_model(init_path, attention=cfg.model.attention, device=device,
+                                          freeze_vision=cfg.model.freeze_vision)
+        ctx.model_config = model.config
+        if cfg.model.gradient_checkpointing:
+            apply_activation_checkpointing(model)
+        ctx.policy = Policy(model)
+        if world > 1:
+            apply_fsdp(ctx.policy, mixed_precision=ctx.mixed_precision)
+        ctx.policy.train()
+        log.info("%s: model %s (%.1fM parameters), attention %s, kernels %s, %d process(es) on %s",
+                 stage, init_path, sum(p.numel() for p in model.parameters()) / 1e6, ctx.attention,
+                 cfg.kernels.impl, world, device)
+        return ctx
+
+    # --- settings derived once --------------------------------------------------------------------
+    @property
+    def mixed_precision(self) -> bool:
+        return self.device.type == "cuda" and self.cfg.model.dtype != "float32"
+
+    @property
+    def kernels_impl(self) -> str:
+        return self.cfg.kernels.impl
+
+    @property
+    def lr(self) -> float:
+        return stage_lr(self.cfg, self.stage)
+
+    @property
+    def dir(self) -> Path:
+        return stage_dir(self.cfg.run.dir, self.stage)
+
+    def autocast(self):
+        if self.mixed_precision and self.world == 1:  # under FSDP2 the MixedPrecisionPolicy casts
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # --- data -------------------------------------------------------------------------------------
+    def encoder(self, max_length: int) -> Encoder:
+        d = self.cfg.data
+        return Encoder(self.processor, self.model_config, self.columns, template=d.prompt_template,
+                       system_prompt=d.system_prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+                       max_length=max_length)
+
+    @property
+    def columns(self) -> Columns:
+        d = self.cfg.data
+        return Columns(d.image_column, d.problem_column, d.answer_column)
+
+    def load_tables(self, kind: str):
+        d = self.cfg.data
+        train = load_table(d.train, d.train_split, kind=kind, seed=self.cfg.run.seed,
+                           synthetic_size=d.synthetic_train_size, key="data.train")
+        val = load_table(d.val, d.val_split, kind=kind, seed=self.cfg.run.seed,
+                         synthetic_size=d.synthetic_val_size, key="data.val")
+        if d.val_size:
+            val = val.select(range(min(d.val_size, len(val))))
+        for table, src in ((train, d.train), (val, d.val)):
+            check_columns(table, self.columns, source=src)
+        return lazy_images(train, d.image_column), lazy_images(val, d.image_column)
+
+    # --- engine and rewards -----------------------------------------------------------------------
+    @property
+    def engine(self):
+        if self._engine is None:
+            tok = self.processor.tokenizer
+            r = self.cfg.rollout
+            self._engine = make_engine(
+                r.engine, self.init_path, device=self.device, batch_size=r.batch_size,
+                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
+                gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
+                max_num_batched_tokens=r.max_num_batched_tokens, enforce_eager=r.enforce_eager,
+                enable_prefix_caching=r.enable_prefix_caching,
+                max_model_len=self.cfg.grpo.max_prompt_length + self.cfg.grpo.max_response_length,
+                seed=self.cfg.run.seed + self.rank)
+        return self._engine
+
+    @property
+    def scorer(self):
+        if self._scorer is None:
+            from .rewards import RewardScorer
+
+            r = self.cfg.reward
+            self._scorer = RewardScorer(fn=r.function or None, format_weight=r.format_weight,
+                                        timeout_s=r.timeout_s, num_workers=r.num_workers)
+        return self._scorer
+
+    def sync_engine(self) -> float:
+        """Wake the engine, stream the current policy weights into it; returns seconds spent."""
+        import time
+
+        t0 = time.perf_counter()
+        dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.engine.wake_up()
+        self.engine.load_weights(iter_full_weights(self.policy.model, dtype))
+        return time.perf_counter() - t0
+
+    def reference_policy(self) -> Policy:
+        """The frozen initial policy for the KL term, sharded like the policy."""
+        model, _ = load_model(self.init_path, attention=self.cfg.model.attention, device=self.device)
+        model.requires_grad_(False)
+        ref = Policy(model).eval()
+        if self.world > 1:
+            apply_fsdp(ref, mixed_precision=self.mixed_precision)
+        return ref
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def resume(self, opt, sched, skips: SkipCounter) -> int:
+        """Continue from the newest complete checkpoint of this stage when `run.resume` says so."""
+        root = self.dir / "checkpoints"
+        checkpoint.clean_partial(root)
+        resume = self.cfg.run.resume
+        path = None if resume == "never" else checkpoint.latest_checkpoint(root) if resume == "auto" else Path(resume)
+        if path is None:
+            self.metrics.truncate_after(self.stage, 0)
+            return 0
+        extra = checkpoint.load(path, self.policy, opt)
+        sched.load_state_dict(extra["scheduler"])
+        skips.counts.update(extra.get("skips", {}))
+        self.extra_state = extra.get("stage_state", {})
+        self.step = int(extra["step"])
+        self.metrics.truncate_after(self.stage, self.step)
+        log.info("%s: resumed from %s (step %d)", self.stage, path, self.step)
+        return self.step
+
+    def save(self, step: int, opt, sched, skips: SkipCounter, stage_state: dict | None = None) -> None:
+        extra = {"step": step, "scheduler": sched.state_dict(), "skips": dict(skips.counts),
+                 "stage_state": stage_state or {}}
+        checkpoint.save(self.dir / "checkpoints", step, self.policy, opt, extra, keep=self.cfg.checkpoint.keep)
+
+    def finish(self) -> Path:
+        """Export the stage's model as a Hugging Face directory and mark the stage done."""
+        out = export_hf(self.policy, self.processor, self.dir / "hf")
+        if self.rank == 0:
+            (self.dir / "DONE").write_text(json.dumps({"export": str(out)}))
+        dist.barrier()
+        if self._scorer is not None:
+            self._scorer.close()
+        log.info("%s: done, model exported to %s", self.stage, out)
+        return out
+
+
+def ground_truth(answer: str) -> str:
+    """The reference answer of a row: its last \\boxed{} content when it holds a full solution (the
+    cold-start schema), else the answer itself (the RL schema)."""
+    from .rewards import extract_boxed
+
+    boxed = extract_boxed(answer)
+    return boxed if boxed is not None else answer.strip()
+
+
+@torch.no_grad()
+def validate(ctx: StageContext, table, *, temperature: float, n: int) -> dict[str, float]:
+    """Generate on the validation rows (this rank's share), score with the reward, average over ranks."""
+    g = ctx.cfg.grpo
+    encoder = ctx.encoder(max_length=g.max_prompt_length)
+    skips = SkipCounter()
+    idx = rank_share(list(range(len(table))), ctx.rank, ctx.world)
+    prompts = encode_many(lambda row, i: encoder.prompt(row, i), ((table[i], i) for i in idx), skips, "data.val")
+    ctx.sync_engine()
+    sampling = SamplingParams(n=n, temperature=temperature, top_p=1.0 if temperature == 0 else g.top_p,
+                              max_tokens=g.max_response_length, seed=ctx.cfg.run.seed + 7919 * ctx.rank)
+    completions = ctx.engine.generate(prompts, sampling)
+    ctx.engine.sleep()
+    tok = ctx.processor.tokenizer
+    responses = tok.batch_decode([c.response_ids for c in completions], skip_special_tokens=True)
+    answers = [ground_truth(p.answer) for p in prompts for _ in range(n)]
+    scores = ctx.scorer.score(responses, answers) if responses else []
+    sums = torch.tensor([sum(s["accuracy"] for s in scores), sum(s["format"] for s in scores),
+                         sum(s["overall"] for s in scores), len(scores)], dtype=torch.float64)
+    dist.all_reduce(sums)
+    count = max(float(sums[3]), 1.0)
+    return {"val/accuracy": float(sums[0]) / count, "val/format": float(sums[1]) / count,
+            "val/reward": float(sums[2]) / count}

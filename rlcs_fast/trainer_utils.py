@@ -1,0 +1,106 @@
+"""Pieces both stages share: the optimizer and schedule, micro-batch planning that lines up across ranks,
+gradient clipping, and the weight stream to the rollout engine."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from . import dist
+from .packing import Sample, mrope_positions, plan_microbatches
+
+
+def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: list[float], eps: float,
+                    warmup_ratio: float, schedule: str, min_lr_ratio: float, total_steps: int):
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]  # no decay on norms and biases, as HF and verl do
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas), eps=eps)
+    warmup = int(round(warmup_ratio * total_steps))
+    if schedule == "cosine":
+        sched = get_scheduler("cosine_with_min_lr", opt, num_warmup_steps=warmup, num_training_steps=total_steps,
+                              scheduler_specific_kwargs={"min_lr_rate": min_lr_ratio})
+    else:
+        sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=warmup)
+    return opt, sched
+
+
+def dummy_image_sample(model_config) -> Sample:
+    """A 3-token sequence holding the smallest image (grid 1x2x2, one merged token) and no targets.
+
+    Under FSDP2 every rank must run the same modules: a micro-batch without images on one rank would
+    skip the vision tower's all-gathers that the other ranks wait on. Added to such micro-batches, it
+    keeps the collectives in step and contributes exactly zero loss and zero gradient."""
+    vc = model_config.vision_config
+    ids = torch.tensor([model_config.vision_start_token_id, model_config.image_token_id,
+                        model_config.vision_end_token_id])
+    grid = torch.tensor([[1, 2, 2]])
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    return Sample(input_ids=ids, target_mask=torch.zeros(3, dtype=torch.bool),
+                  position_ids=mrope_positions(model_config, ids, grid),
+                  pixel_values=torch.zeros(4, patch_dim), image_grid_thw=grid)
+
+
+def plan_step(samples: list, lengths: list[int], max_tokens: int, filler) -> tuple[list[list], int]:
+    """This rank's micro-batches by token budget, padded to the same count on every rank (collectives
+    must line up): a rank with fewer repeats its first micro-batch, which the loop runs with weight 0.
+    A rank left with no usable sample runs `filler` (a zero-loss item). Returns (micro-batches, number of
+    real ones)."""
+    plan = plan_microbatches(lengths, max_tokens, 1)[0] if samples else []
+    micro = [[samples[i] for i in mb] for mb in plan if mb]
+    count = int(dist.all_reduce(torch.tensor([len(micro)]), "max").item())
+    if not micro:
+        return [[filler]] * count, 0
+    return micro + [micro[0]] * (count - len(micro)), len(micro)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def iter_full_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) one parameter at a time: under FSDP2 each is all-gathered on every rank in the
+    same order, so peak extra memory is one full tensor. Names are the HF model's own."""
+    for name, t in model.state_dict().items():
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        yield name, (t.to(dtype) if dtype is not None else t).detach()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB (Linux)
+    except ImportError:
+        return 0.0
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Span()
