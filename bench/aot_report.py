@@ -1,18 +1,30 @@
 """Ahead-of-time compile of every Triton kernel and autotune config for Hopper (sm_90a) and Ampere (sm_80).
 
-Runs on a CPU-only machine: ``triton.compile`` with an explicit ``GPUTarget`` needs no driver. For each
-(kernel, config, arch) it records registers, spill bytes (ptxas ``-v``), stack frame, shared memory
-(Triton's metadata) and, for sm_90a, the number of ``HGMMA`` (warpgroup tensor-core) instructions in the
-SASS (``cuobjdump -sass``). Writes ``bench/results/aot_<arch>.json`` and prints a table.
+Runs on a CPU-only machine: ``triton.compile`` with an explicit ``GPUTarget`` needs no driver. Each kernel is
+compiled as the JIT would compile it on a GPU: the signature, ``tt.divisibility`` hints and the constant-1
+strides come from Triton's own argument specialisation applied to representative arguments (bf16
+Qwen2.5-VL-7B shapes, H=3584, V=151936, a 1999-token chunk). Compiling without those hints (as an earlier
+version of this report did) builds a different kernel: no 16-byte vector loads and a 64-bit address per
+element, which spills thousands of bytes that the real kernel never does.
+
+Per (kernel, config, arch) it records, from the cubin Triton produced: registers and stack frame
+(``cuobjdump -res-usage``), spill stores / loads (the log of Triton's own ptxas run, same flags, same
+cubin), shared memory (Triton's metadata) and, for sm_90a, the number of ``HGMMA`` (warpgroup tensor-core)
+instructions in the SASS. When ptxas cannot avoid spilling it may drop to a 32-register allocation with a
+large stack (an occupancy trade it makes itself; the cubin really has 32 registers), so a "32 registers"
+row with spills is a spilling kernel, not a parsing error.
 
     python bench/aot_report.py [--arch 90 80] [--first-config-only]
 
-Must run without ``TRITON_INTERPRET`` (the interpreter replaces the compiler).
+Writes ``bench/results/aot_sm90a.json`` / ``aot_sm80.json`` and prints a table. Must run without
+``TRITON_INTERPRET`` (the interpreter replaces the compiler).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -23,6 +35,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # usable per block: H100 227 KB, A100 163 KB (of 164 KB)
+# Representative shapes: a backward chunk of N tokens (not a multiple of 16, so no row mask is provably
+# dead), Qwen2.5-VL-7B's hidden size and vocabulary, and the vocabulary split an H100 (132 SMs) gets.
+N_TOKENS, HIDDEN, VOCAB, N_SM = 1999, 3584, 151936, 132
 
 
 def _bin(name: str) -> str:
@@ -31,103 +46,137 @@ def _bin(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def _kernels(dtype: str = "bf16") -> list[dict]:
-    """(name, jit fn, pointer/float arg types, constexprs, configs, uses tensor cores) per kernel variant."""
+def _kernels() -> list[dict]:
+    """Kernel variants: name, jit fn, representative arguments, constexprs, configs, uses tensor cores."""
     import importlib
+
+    import torch
+    import triton
 
     # The package re-exports functions under the module names, so import the modules themselves.
     _common = importlib.import_module("rlcs_fast.kernels._common")
     fll = importlib.import_module("rlcs_fast.kernels.fused_linear_logprob")
     gl = importlib.import_module("rlcs_fast.kernels.grpo_loss")
 
-    fp = f"*{dtype}"
-    stats_types = {"h_ptr": fp, "w_ptr": fp, "tgt_ptr": "*i64", "m_ptr": "*fp32", "s_ptr": "*fp32",
-                   "t_ptr": "*fp32", "zt_ptr": "*fp32", "logits_ptr": "*fp32", "inv_temp": "fp32"}  # fmt: skip
-    dl_types = {"h_ptr": fp, "w_ptr": fp, "logits_ptr": "*fp32", "tgt_ptr": "*i64", "lse_ptr": "*fp32",
-                "ent_ptr": "*fp32", "g_lp_ptr": "*fp32", "g_ent_ptr": "*fp32", "dl_ptr": fp, "inv_temp": "fp32"}  # fmt: skip
-    mm_types = {"a_ptr": fp, "b_ptr": fp, "c_ptr": "*fp32"}
-    grpo_types = {"lp_ptr": "*fp32", "old_ptr": "*fp32", "adv_ptr": "*fp32", "mask_ptr": "*u8", "w_ptr": "*fp32",
-                  "ref_ptr": "*fp32", "grad_ptr": "*fp32", "part_ptr": "*fp32", "clip_low": "fp32",
-                  "clip_high": "fp32", "clip_dual": "fp32", "kl_coef": "fp32"}  # fmt: skip
+    def t(dtype):  # only dtype and alignment matter to the specialisation; meta tensors are 16-aligned
+        return torch.empty(1, dtype=dtype, device="meta")
+
+    bf, f32, i64, u8 = t(torch.bfloat16), t(torch.float32), t(torch.int64), t(torch.uint8)
+    N, H, V = N_TOKENS, HIDDEN, VOCAB
+    # triton_stats' vocabulary split on an H100 (a multiple of 256, as there).
+    splits = max(1, min(triton.cdiv(V, 2048), triton.cdiv(2 * N_SM, triton.cdiv(N, 128))))
+    v_per_split = triton.cdiv(triton.cdiv(V, splits), 256) * 256
+    stats_args = dict(h_ptr=bf, w_ptr=bf, tgt_ptr=i64, m_ptr=f32, s_ptr=f32, t_ptr=f32, zt_ptr=f32,
+                      logits_ptr=f32, N=N, V=V, H=H, v_per_split=v_per_split, inv_temp=1.0,
+                      stride_hn=H, stride_wv=H, stride_ln=V)  # fmt: skip
+    dl_args = dict(h_ptr=bf, w_ptr=bf, logits_ptr=f32, tgt_ptr=i64, lse_ptr=f32, ent_ptr=f32, g_lp_ptr=f32,
+                   g_ent_ptr=f32, dl_ptr=bf, N=N, V=V, H=H, inv_temp=1.0,
+                   stride_hn=H, stride_wv=H, stride_ln=V, stride_dn=V)  # fmt: skip
+    # dh = dlogits @ W; dW (+)= dlogits^T @ h (the transposed view: unit stride along M).
+    mm_dh = dict(a_ptr=bf, b_ptr=bf, c_ptr=bf, M=N, N=H, K=V,
+                 stride_am=V, stride_ak=1, stride_bk=H, stride_bn=1, stride_cm=H, stride_cn=1)  # fmt: skip
+    mm_dw = dict(a_ptr=bf, b_ptr=bf, c_ptr=f32, M=V, N=H, K=N,
+                 stride_am=1, stride_ak=V, stride_bk=H, stride_bn=1, stride_cm=H, stride_cn=1)  # fmt: skip
+    grpo_args = dict(lp_ptr=f32, old_ptr=f32, adv_ptr=f32, mask_ptr=u8, w_ptr=f32, ref_ptr=f32, grad_ptr=f32,
+                     part_ptr=f32, N=N, num_programs=2, clip_low=0.2, clip_high=0.2, clip_dual=3.0,
+                     kl_coef=0.01)  # fmt: skip
     dot = {"UPCAST": False, "INPUT_PRECISION": "tf32"}
-    grpo_cfg = [{"kwargs": {"BLOCK_T": gl.GRPO_BLOCK_T}, "num_warps": gl.GRPO_NUM_WARPS, "num_stages": 3}]
 
     def cfgs(configs):
         return [{"kwargs": dict(c.kwargs), "num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
 
+    grpo_cfg = [{"kwargs": {"BLOCK_T": gl.GRPO_BLOCK_T}, "num_warps": gl.GRPO_NUM_WARPS, "num_stages": 3}]
     return [
-        {"name": "stats(fwd, +entropy)", "fn": fll._stats_kernel, "types": stats_types, "dot": True,
+        {"name": "stats(fwd, +entropy)", "fn": fll._stats_kernel, "args": stats_args, "dot": True,
          "const": {"STORE_LOGITS": False, "WITH_ENTROPY": True, **dot}, "configs": cfgs(fll.STATS_CONFIGS)},
-        {"name": "stats(fused, store logits)", "fn": fll._stats_kernel, "types": stats_types, "dot": True,
+        {"name": "stats(fused, store logits)", "fn": fll._stats_kernel, "args": stats_args, "dot": True,
          "const": {"STORE_LOGITS": True, "WITH_ENTROPY": False, **dot}, "configs": cfgs(fll.STATS_CONFIGS)},
-        {"name": "dlogits(recompute, +entropy)", "fn": fll._dlogits_kernel, "types": dl_types, "dot": True,
+        {"name": "dlogits(recompute, +entropy)", "fn": fll._dlogits_kernel, "args": dl_args, "dot": True,
          "const": {"RECOMPUTE": True, "WITH_ENTROPY": True, **dot}, "configs": cfgs(fll.DLOGITS_CONFIGS)},
-        {"name": "dlogits(stored logits)", "fn": fll._dlogits_kernel, "types": dl_types, "dot": False,
-         "const": {"RECOMPUTE": False, "WITH_ENTROPY": False, **dot}, "configs": cfgs(fll.DLOGITS_CONFIGS)[:1]},
-        {"name": "matmul(dh / dW +=)", "fn": _common._matmul_kernel, "types": mm_types, "dot": True,
-         "const": {"ACCUMULATE": True, **dot}, "configs": cfgs(_common.MATMUL_CONFIGS)},
-        {"name": "grpo(dual, low_var_kl)", "fn": gl._grpo_kernel, "types": grpo_types, "dot": False,
+        {"name": "dlogits(stored logits)", "fn": fll._dlogits_kernel, "args": dl_args, "dot": False,
+         "const": {"RECOMPUTE": False, "WITH_ENTROPY": False, **dot}, "configs": cfgs(fll.DLOGITS_CONFIGS)},
+        {"name": "matmul(dh = dl @ W)", "fn": _common._matmul_kernel, "args": mm_dh, "dot": True,
+         "const": {"ACCUMULATE": False, **dot}, "configs": cfgs(_common.matmul_configs(False))},
+        {"name": "matmul(dW = dl^T @ h)", "fn": _common._matmul_kernel, "args": mm_dw, "dot": True,
+         "const": {"ACCUMULATE": False, **dot}, "configs": cfgs(_common.matmul_configs(False))},
+        {"name": "matmul(dW += dl^T @ h)", "fn": _common._matmul_kernel, "args": mm_dw, "dot": True,
+         "const": {"ACCUMULATE": True, **dot}, "configs": cfgs(_common.matmul_configs(True))},
+        {"name": "grpo(dual, low_var_kl)", "fn": gl._grpo_kernel, "args": grpo_args, "dot": False,
          "const": {"HAS_REF": True, "DUAL_CLIP": True, "KL_TYPE": 3}, "configs": grpo_cfg},
     ]  # fmt: skip
 
 
-def _ptxas_info(ptx: str, arch: str) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        Path(src).write_text(ptx)
-        out = subprocess.run(
-            [_bin("ptxas"), f"-arch={arch}", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
-            capture_output=True, text=True, check=True,
-        ).stderr  # fmt: skip
-    regs = re.search(r"Used (\d+) registers", out)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
-    stack = re.search(r"(\d+) bytes stack frame", out)
-    return {
-        "regs": int(regs.group(1)) if regs else None,
-        "spill_stores": int(spill.group(1)) if spill else None,
-        "spill_loads": int(spill.group(2)) if spill else None,
-        "stack": int(stack.group(1)) if stack else None,
-    }
+def _specialize(fn, args: dict, const: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) as ``JITFunction.run`` builds them for these argument values."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[(i,)] = const[p.name]
+            continue
+        ty, key = native_specialize_impl(
+            BaseBackend, args[p.name], p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment
+        )
+        signature[p.name] = ty
+        if ty == "constexpr":  # an integer equal to 1 (a unit stride) becomes a compile-time constant
+            constexprs[(i,)] = key
+        elif isinstance(key, str):
+            attrs[(i,)] = BaseBackend.parse_attr(key)
+    return signature, constexprs, attrs
 
 
-def _hgmma_count(cubin: bytes) -> int:
+def _cubin_info(cubin: bytes) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         Path(path).write_bytes(cubin)
+        res = subprocess.run([_bin("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([_bin("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
-    return len(re.findall(r"\bHGMMA\b", sass))
+    return {
+        "regs": int(re.search(r"REG:(\d+)", res).group(1)),
+        "stack": int(re.search(r"STACK:(\d+)", res).group(1)),
+        "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
+        "local_ops": len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\b", sass)),
+    }
 
 
 def compile_one(kernel: dict, config: dict, arch: int) -> dict:
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = kernel["fn"]
-    const = {**kernel["const"], **config["kwargs"]}
-    signature = {}
-    for p in fn.params:
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-        else:
-            signature[p.name] = kernel["types"].get(p.name, "i32")
-    compiled = triton.compile(
-        ASTSource(fn, signature, const),
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]},
-    )
-    arch_name = re.search(r"\.target (\S+)", compiled.asm["ptx"]).group(1)
-    row = {
+    signature, constexprs, attrs = _specialize(fn, kernel["args"], {**kernel["const"], **config["kwargs"]})
+    log = io.StringIO()
+    # Compile for real (no cache hit, so ptxas runs) and capture the log Triton prints of that ptxas run.
+    with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True
+        compiled = triton.compile(
+            ASTSource(fn, signature, constexprs, attrs),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]},
+        )
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
+    assert spill, f"no ptxas report captured for {kernel['name']}: {log.getvalue()[-500:]}"
+    info = _cubin_info(compiled.asm["cubin"])
+    return {
         "kernel": kernel["name"],
         "config": {**config["kwargs"], "num_warps": config["num_warps"], "num_stages": config["num_stages"]},
-        "arch": arch_name,
+        "arch": re.search(r"\.target (\S+)", compiled.asm["ptx"]).group(1),
         "smem": compiled.metadata.shared,
         "smem_limit": SMEM_LIMIT[arch],
         "uses_dot": kernel["dot"],
-        **_ptxas_info(compiled.asm["ptx"], arch_name),
+        "regs": info["regs"],
+        "spill_stores": int(spill.group(1)),
+        "spill_loads": int(spill.group(2)),
+        "stack": info["stack"],
+        "local_ops": info["local_ops"],
+        "hgmma": info["hgmma"] if arch == 90 else None,
     }
-    row["hgmma"] = _hgmma_count(compiled.asm["cubin"]) if arch == 90 else None
-    return row
 
 
 def report(archs: list[int], first_config_only: bool = False) -> dict[int, list[dict]]:
@@ -144,11 +193,14 @@ def report(archs: list[int], first_config_only: bool = False) -> dict[int, list[
 
 
 def _print(rows: list[dict]) -> None:
-    print(f"{'kernel':32} {'config':62} {'arch':7} {'regs':>4} {'spill':>5} {'smem':>7} {'hgmma':>5}")
+    print(f"{'kernel':28} {'config':48} {'arch':7} {'regs':>4} {'spill':>5} {'stack':>5} {'smem':>7} {'hgmma':>5}")
     for r in rows:
-        cfg = ",".join(f"{k}={v}" for k, v in r["config"].items())
-        print(f"{r['kernel']:32} {cfg:62} {r['arch']:7} {r['regs']:>4} {r['spill_stores']:>5} {r['smem']:>7} "
-              f"{r['hgmma'] if r['hgmma'] is not None else '-':>5}")  # fmt: skip
+        c = r["config"]
+        blocks = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK"))
+        cfg = f"{blocks} w{c['num_warps']} s{c['num_stages']}" + (f" g{c['GROUP_M']}" if "GROUP_M" in c else "")
+        hg = r["hgmma"] if r["hgmma"] is not None else "-"
+        print(f"{r['kernel']:28} {cfg:48} {r['arch']:7} {r['regs']:>4} {r['spill_stores']:>5} {r['stack']:>5} "
+              f"{r['smem']:>7} {hg:>5}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,11 +80,34 @@ def dot_precision(dtype: torch.dtype) -> str:
 # scatter dW with atomic adds from every token block).
 # ----------------------------------------------------------------------------------------------------------
 
+# Every config here compiles without register spills for sm_90a (with HGMMA) and sm_80 at the shapes the
+# JIT specialises for (16-byte aligned operands, unit inner strides; see bench/aot_report.py, which sweeps
+# them). A [BM, BN] fp32 accumulator costs BM·BN / (32·num_warps) registers per thread: 128 for 128×256 on
+# 8 warps, which fits alone, but the ``ACCUMULATE`` epilogue (C += acc, used for dW) loads a second fp32 tile
+# of the same size and spills; so the accumulating variant only runs configs with ≤ 64 accumulator
+# registers per thread (``matmul_configs``).
 MATMUL_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=5),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
 ]
+_ACCUMULATE_MAX_ACC_REGS = 64
+
+
+def matmul_configs(accumulate: bool) -> list[triton.Config]:
+    """The spill-free subset of ``MATMUL_CONFIGS`` for the plain (C = A·B) or accumulating (C += A·B) kernel."""
+    if not accumulate:
+        return list(MATMUL_CONFIGS)
+    return [
+        c for c in MATMUL_CONFIGS
+        if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= _ACCUMULATE_MAX_ACC_REGS * 32 * c.num_warps
+    ]  # fmt: skip
+
+
+def _prune_matmul_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    keep = {id(c) for c in matmul_configs(bool(kwargs.get("ACCUMULATE", named_args.get("ACCUMULATE"))))}
+    return [c for c in configs if id(c) in keep]
 
 
 @triton.jit
@@ -139,8 +162,12 @@ def _matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-# ACCUMULATE reads C: the autotuner's trial runs must not compound into it.
-_matmul_tuned = autotuned(_matmul_kernel, MATMUL_CONFIGS, key=["M", "N", "K"], restore_value=["c_ptr"])
+# ACCUMULATE reads C: the autotuner's trial runs must not compound into it. ACCUMULATE is part of the key:
+# dW's first chunk (C = A·B) and later chunks (C += A·B) share M, N, K but not the config set.
+_matmul_tuned = autotuned(
+    _matmul_kernel, MATMUL_CONFIGS, key=["M", "N", "K", "ACCUMULATE"], restore_value=["c_ptr"],
+    prune_configs_by={"early_config_prune": _prune_matmul_configs},
+)  # fmt: skip
 
 
 def matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, accumulate: bool) -> torch.Tensor:

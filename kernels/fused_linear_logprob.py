@@ -32,12 +32,24 @@ import triton.language as tl
 
 from ._common import INTERPRET, INTERPRET_BLOCKS, autotuned, dot_precision, launch, matmul_into
 
+# Spill-free on sm_90a (HGMMA) and sm_80 at the JIT's specialisation (bench/aot_report.py sweeps them all).
+# The forward's online-softmax epilogue (logit tile, its exponentials, p·z for the entropy) sits on top of
+# the fp32 accumulator, so its tiles hold ≤ 64 accumulator registers per thread (128×128 or 64×256 on 8
+# warps): 128×256 (128 per thread) spilled 300–650 B and 4-warp 128×128 (128 per thread) 290–820 B.
+# The largest BLOCK_V here must divide triton_stats' split boundaries (256).
 STATS_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_H": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_H": 64}, num_warps=8, num_stages=3),
 ]
-DLOGITS_CONFIGS = STATS_CONFIGS
+# The backward's epilogue is a single elementwise pass, lighter than the forward's: 4-warp tiles with 64
+# accumulator registers per thread fit too (128×256 on 8 warps spilled 480 B on sm_80).
+DLOGITS_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_H": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_H": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=4, num_stages=4),
+]
 
 
 @triton.jit

@@ -38,20 +38,31 @@ class SkipSample(Exception):
 
 
 class SkipCounter:
-    """Counts skipped samples by kind and warns once per kind."""
+    """Counts skipped rows by kind (each row once, however many epochs meet it) and warns once per kind."""
 
     def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
+        self.rows: dict[str, set] = {}
 
-    def add(self, kind: str, detail: str = "", where: str = "") -> None:
-        if kind not in self.counts:
+    @property
+    def counts(self) -> dict[str, int]:
+        return {kind: len(keys) for kind, keys in self.rows.items()}
+
+    def add(self, kind: str, detail: str = "", where: str = "", key: object = None) -> None:
+        if kind not in self.rows:
             log.warning("skipping a sample%s (%s): %s; further skips of this kind are only counted "
                         "(metrics: data/skipped)", f" of {where}" if where else "", kind, detail)
-        self.counts[kind] += 1
+        self.rows.setdefault(kind, set()).add((where, key if key is not None else len(self.rows.get(kind, ()))))
+
+    def state(self) -> dict[str, list]:
+        return {kind: sorted(keys, key=repr) for kind, keys in self.rows.items()}
+
+    def load_state(self, state: dict[str, list]) -> None:
+        for kind, keys in state.items():
+            self.rows.setdefault(kind, set()).update(tuple(k) for k in keys)
 
     @property
     def total(self) -> int:
-        return sum(self.counts.values())
+        return sum(len(keys) for keys in self.rows.values())
 
 
 @dataclass(frozen=True)
@@ -307,5 +318,5 @@ def encode_many(fn, rows_and_idx, counter: SkipCounter, where: str) -> list:
         try:
             out.append(fn(row, idx))
         except SkipSample as s:
-            counter.add(s.kind, s.detail, where)
+            counter.add(s.kind, s.detail, where, key=idx)
     return out

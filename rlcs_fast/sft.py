@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, dist
+from . import dist
 from .data import Encoder, SkipCounter, encode_many, global_indices, rank_share
 from .kernels import fused_linear_logprob
 from .packing import pack

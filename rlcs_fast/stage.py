@@ -18,7 +18,16 @@ import torch
 
 from . import checkpoint, dist
 from .config import Config, stage_lr
-from .data import Columns, Encoder, SkipCounter, check_columns, encode_many, lazy_images, load_table, rank_share
+from .data import (
+    Columns,
+    Encoder,
+    SkipCounter,
+    check_columns,
+    encode_many,
+    lazy_images,
+    load_table,
+    rank_share,
+)
 from .metrics import MetricsLogger
 from .model import Policy, apply_activation_checkpointing, apply_fsdp, export_hf, load_model, load_processor
 from .rollout.engine import SamplingParams, make_engine
@@ -144,6 +153,12 @@ class StageContext:
                                         timeout_s=r.timeout_s, num_workers=r.num_workers)
         return self._scorer
 
+    @property
+    def banned_token_ids(self) -> tuple[int, ...]:
+        """Vision placeholders: a response holding one would break the image-token count of the forward."""
+        c = self.model_config
+        return (c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id)
+
     def sync_engine(self) -> float:
         """Wake the engine, stream the current policy weights into it; returns seconds spent."""
         import time
@@ -175,7 +190,7 @@ class StageContext:
             return 0
         extra = checkpoint.load(path, self.policy, opt)
         sched.load_state_dict(extra["scheduler"])
-        skips.counts.update(extra.get("skips", {}))
+        skips.load_state(extra.get("skips", {}))
         self.extra_state = extra.get("stage_state", {})
         self.step = int(extra["step"])
         self.metrics.truncate_after(self.stage, self.step)
@@ -183,7 +198,7 @@ class StageContext:
         return self.step
 
     def save(self, step: int, opt, sched, skips: SkipCounter, stage_state: dict | None = None) -> None:
-        extra = {"step": step, "scheduler": sched.state_dict(), "skips": dict(skips.counts),
+        extra = {"step": step, "scheduler": sched.state_dict(), "skips": skips.state(),
                  "stage_state": stage_state or {}}
         checkpoint.save(self.dir / "checkpoints", step, self.policy, opt, extra, keep=self.cfg.checkpoint.keep)
 
@@ -218,7 +233,8 @@ def validate(ctx: StageContext, table, *, temperature: float, n: int) -> dict[st
     prompts = encode_many(lambda row, i: encoder.prompt(row, i), ((table[i], i) for i in idx), skips, "data.val")
     ctx.sync_engine()
     sampling = SamplingParams(n=n, temperature=temperature, top_p=1.0 if temperature == 0 else g.top_p,
-                              max_tokens=g.max_response_length, seed=ctx.cfg.run.seed + 7919 * ctx.rank)
+                              max_tokens=g.max_response_length, seed=ctx.cfg.run.seed + 7919 * ctx.rank,
+                              banned_token_ids=ctx.banned_token_ids)
     completions = ctx.engine.generate(prompts, sampling)
     ctx.engine.sleep()
     tok = ctx.processor.tokenizer

@@ -22,6 +22,8 @@ class SamplingParams:
     max_tokens: int = 512
     seed: int = 0
     logprobs: bool = False  # return the sampled tokens' log-probs (log_softmax(logits / temperature))
+    # never sampled: a generated <|image_pad|> would not match any image in the training forward
+    banned_token_ids: tuple[int, ...] = ()
 
 
 class Request(Protocol):

@@ -75,6 +75,7 @@ class HFEngine:
             do_sample=not greedy, temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p, top_k=None, max_new_tokens=sampling.max_tokens,
             eos_token_id=self.eos, pad_token_id=self.pad, use_cache=True,
+            suppress_tokens=list(sampling.banned_token_ids) or None,
             return_dict_in_generate=True, output_logits=sampling.logprobs, **kwargs)
         new = gen.sequences[:, width:].cpu()
         logps = None
