@@ -273,7 +273,11 @@ def run_grpo(ctx: StageContext) -> None:
                                       seed=(cfg.run.seed * 1_000_003 + step) * 4099 + ctx.rank, logprobs=True,
                                       banned_token_ids=ctx.banned_token_ids)
             completions = ctx.engine.generate(prompts, sampling)
+            engine_memory = getattr(ctx.engine, "memory_gb", None)  # engines with sleep mode report it
+            vllm_mem = {"mem/vllm_awake_gb": engine_memory()} if engine_memory else {}
             ctx.engine.sleep()
+            if engine_memory:
+                vllm_mem["mem/vllm_asleep_gb"] = engine_memory()
         # 2. rewards and group advantages
         with timer("time/reward"):
             responses = tok.batch_decode([c.response_ids for c in completions], skip_special_tokens=True)
@@ -320,6 +324,7 @@ def run_grpo(ctx: StageContext) -> None:
         row = rollout_metrics(ctx, scores, lengths, completions, rollouts, skips, len(prompts))
         row.update(train_stats)
         row.update(timer.times)
+        row.update(vllm_mem)
         dt = time.perf_counter() - t0
         tokens = float(dist.all_reduce(torch.tensor([float(sum(r.sample.input_ids.numel() for r in rollouts))]))[0])
         row.update({"perf/tokens_per_s": tokens / dt, "time/step": dt, "mem/peak_gb": peak_memory_gb(ctx.device)})

@@ -30,7 +30,7 @@ from .data import (
 )
 from .metrics import MetricsLogger
 from .model import Policy, apply_activation_checkpointing, apply_fsdp, export_hf, load_model, load_processor
-from .rollout.engine import SamplingParams, make_engine
+from .rollout import engine as rollout_engine
 from .trainer_utils import iter_full_weights
 
 log = logging.getLogger("rlcs_fast")
@@ -133,14 +133,15 @@ class StageContext:
         if self._engine is None:
             tok = self.processor.tokenizer
             r = self.cfg.rollout
-            self._engine = make_engine(
+            self._engine = rollout_engine.make_engine(  # looked up at call time: tests inject engines
                 r.engine, self.init_path, device=self.device, batch_size=r.batch_size,
                 eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
                 gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
                 max_num_batched_tokens=r.max_num_batched_tokens, enforce_eager=r.enforce_eager,
                 enable_prefix_caching=r.enable_prefix_caching,
                 max_model_len=self.cfg.grpo.max_prompt_length + self.cfg.grpo.max_response_length,
-                seed=self.cfg.run.seed + self.rank)
+                seed=self.cfg.run.seed + self.rank, min_pixels=self.cfg.data.min_pixels,
+                max_pixels=self.cfg.data.max_pixels)
         return self._engine
 
     @property
@@ -225,24 +226,23 @@ def ground_truth(answer: str) -> str:
 
 @torch.no_grad()
 def validate(ctx: StageContext, table, *, temperature: float, n: int) -> dict[str, float]:
-    """Generate on the validation rows (this rank's share), score with the reward, average over ranks."""
+    """Generate on the validation rows (this rank's share), score with the reward, average over ranks.
+    The generate-and-score core is `eval.generate_and_score`, so `python -m rlcs_fast.eval` on the
+    exported checkpoint reproduces these numbers."""
+    from .eval import generate_and_score, val_sampling
+
     g = ctx.cfg.grpo
     encoder = ctx.encoder(max_length=g.max_prompt_length)
     skips = SkipCounter()
     idx = rank_share(list(range(len(table))), ctx.rank, ctx.world)
     prompts = encode_many(lambda row, i: encoder.prompt(row, i), ((table[i], i) for i in idx), skips, "data.val")
     ctx.sync_engine()
-    sampling = SamplingParams(n=n, temperature=temperature, top_p=1.0 if temperature == 0 else g.top_p,
-                              max_tokens=g.max_response_length, seed=ctx.cfg.run.seed + 7919 * ctx.rank,
-                              banned_token_ids=ctx.banned_token_ids)
-    completions = ctx.engine.generate(prompts, sampling)
+    sampling = val_sampling(n=n, temperature=temperature, top_p=g.top_p, max_tokens=g.max_response_length,
+                            seed=ctx.cfg.run.seed, rank=ctx.rank, banned_token_ids=ctx.banned_token_ids)
+    records = generate_and_score(ctx.engine, ctx.processor.tokenizer, prompts, sampling, ctx.scorer)
     ctx.engine.sleep()
-    tok = ctx.processor.tokenizer
-    responses = tok.batch_decode([c.response_ids for c in completions], skip_special_tokens=True)
-    answers = [ground_truth(p.answer) for p in prompts for _ in range(n)]
-    scores = ctx.scorer.score(responses, answers) if responses else []
-    sums = torch.tensor([sum(s["accuracy"] for s in scores), sum(s["format"] for s in scores),
-                         sum(s["overall"] for s in scores), len(scores)], dtype=torch.float64)
+    sums = torch.tensor([sum(r["accuracy"] for r in records), sum(r["format"] for r in records),
+                         sum(r["overall"] for r in records), len(records)], dtype=torch.float64)
     dist.all_reduce(sums)
     count = max(float(sums[3]), 1.0)
     return {"val/accuracy": float(sums[0]) / count, "val/format": float(sums[1]) / count,

@@ -77,6 +77,11 @@ def tiny_config() -> Qwen2_5_VLConfig:
             temporal_patch_size=2,
             window_size=56,
             fullatt_block_indexes=[1],
+            # trained from scratch here (the real models start from a pretrained ViT): at the text tower's
+            # 0.02 the random ViT's token-to-token differences are drowned by the merger's learned offset
+            # and the LM learns to ignore the image (measured: answers independent of the image after 300
+            # SFT steps); at 0.1 the image features carry the counts from the first steps on
+            initializer_range=0.1,
         ),
         image_token_id=SPECIAL_IDS["<|image_pad|>"],
         video_token_id=SPECIAL_IDS["<|video_pad|>"],

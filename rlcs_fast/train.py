@@ -1,5 +1,6 @@
 """Entry point: ``python -m rlcs_fast.train --cfg configs/tiny.toml [--section.key value ...]``, also
-under ``torchrun``. Runs the stages of ``run.stages`` in order; GRPO starts from the SFT export."""
+under ``torchrun``. Runs the stages of ``run.stages`` in order; GRPO starts from the SFT export.
+``--dry-run`` validates the config and prints the run plan (model, data, batches, memory) instead."""
 
 from __future__ import annotations
 
@@ -20,10 +21,16 @@ log = logging.getLogger("rlcs_fast")
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg, _ = parse_args(argv)
+        cfg, flags = parse_args(argv, extra_flags=("dry-run",))
     except ConfigError as e:
         print(f"rlcs_fast: config error: {e}", file=sys.stderr)
         return 2
+    if flags["dry-run"]:  # validate and print the plan; no process group, no weights, no training
+        from .plan import build_plan, format_plan
+
+        plan = build_plan(cfg)
+        print(format_plan(plan, cfg))
+        return 0 if plan.ok else 1
     rank, world, device = dist.init(cfg.run.device)
     setup_logging(rank)
     torch.manual_seed(cfg.run.seed)

@@ -54,7 +54,8 @@ class RolloutEngine(Protocol):
 def make_engine(kind: str, model_path: str, *, device: torch.device, batch_size: int, eos_token_id: int,
                 pad_token_id: int, **vllm_kwargs) -> RolloutEngine:
     """`rollout.engine` → an engine; vLLM falls back to the HF engine (said once at start) when the
-    package is missing."""
+    package is missing. `vllm_kwargs` go to `VLLMEngine` only. Tests inject another engine by replacing
+    this module attribute (the stage looks it up here at first use)."""
     if kind == "vllm":
         try:
             import vllm  # noqa: F401
@@ -68,7 +69,7 @@ def make_engine(kind: str, model_path: str, *, device: torch.device, batch_size:
         else:
             from .vllm_engine import VLLMEngine
 
-            return VLLMEngine(model_path, **vllm_kwargs)
+            return VLLMEngine(model_path, eos_token_id=eos_token_id, **vllm_kwargs)
     from .hf_engine import HFEngine
 
     return HFEngine(model_path, device=device, batch_size=batch_size, eos_token_id=eos_token_id,

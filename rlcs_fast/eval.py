@@ -1,0 +1,325 @@
+"""Benchmark accuracy of trained models, with the validation code path of training.
+
+``python -m rlcs_fast.eval --model DIR [--model DIR2 ...] --data SET [--split S] [--n K] [--temperature T]
+[--out DIR]``
+
+The generate-and-score core (:func:`generate_and_score`, :func:`val_sampling`) is the one the trainer's
+``stage.validate`` calls, so for the same checkpoint, prompts, greedy decoding and scorer, ``eval`` gives
+the ``val/accuracy`` the training run logged. Prompt settings (template, system prompt, pixel bounds,
+token limits, reward) come from the run's ``config.toml`` found beside the model directory (an export
+``<run.dir>/<stage>/hf`` has it two levels up), else from the command line and the defaults.
+
+Data: any benchmark-format set (hub id, local parquet/JSONL, or ``synthetic`` for the shipped task's val
+split) with an image column (``images`` or ``image``), a question (``problem`` or ``question``) and an
+``answer``; an optional ``category`` / ``subject`` / ``question_type`` column gives a per-category
+breakdown (MathVista, MathVerse, We-Math style).
+
+Metrics per model, over the prompts that could be encoded: ``pass@1`` (the first sample of each prompt:
+the greedy answer at temperature 0), ``mean@k`` (accuracy averaged over all k samples; the unbiased
+pass@1 estimate, and what ``val/accuracy`` is), ``pass@k`` (some sample correct) and ``format``. Every
+answer goes to ``<out>/<model-name>.jsonl``; the side-by-side table to stdout, ``<out>/summary.md`` and
+``<out>/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, ConfigError, load_config
+from .rollout.engine import Completion, SamplingParams
+
+log = logging.getLogger("rlcs_fast")
+
+IMAGE_COLUMNS = ("images", "image")
+PROBLEM_COLUMNS = ("problem", "question")
+ANSWER_COLUMNS = ("answer",)
+CATEGORY_COLUMNS = ("category", "subject", "question_type")
+
+
+# --- the core shared with training's validation --------------------------------------------------------
+
+def val_sampling(*, n: int, temperature: float, top_p: float, max_tokens: int, seed: int, rank: int = 0,
+                 banned_token_ids: tuple[int, ...] = ()) -> SamplingParams:
+    """Validation sampling: greedy at temperature 0 (top-p off), else the rollout top-p; a seed per rank."""
+    return SamplingParams(n=n, temperature=temperature, top_p=1.0 if temperature == 0 else top_p,
+                          max_tokens=max_tokens, seed=seed + 7919 * rank, banned_token_ids=banned_token_ids)
+
+
+def generate_and_score(engine, tokenizer, prompts: list, sampling: SamplingParams, scorer) -> list[dict[str, Any]]:
+    """Generate ``sampling.n`` responses per prompt and score them with the reward's scorer.
+
+    Returns one record per response, grouped by prompt: ``index`` (row), ``sample`` (0..n-1),
+    ``response``, ``ground_truth`` and the scorer's ``accuracy``, ``format``, ``overall``."""
+    from .stage import ground_truth
+
+    completions: list[Completion] = engine.generate(prompts, sampling) if prompts else []
+    responses = tokenizer.batch_decode([c.response_ids for c in completions], skip_special_tokens=True)
+    answers = [ground_truth(p.answer) for p in prompts for _ in range(sampling.n)]
+    scores = scorer.score(responses, answers) if responses else []
+    records = []
+    for j, (c, response, answer, score) in enumerate(zip(completions, responses, answers, scores)):
+        p = prompts[j // sampling.n]
+        records.append({"index": p.index, "sample": j % sampling.n, "response": response, "ground_truth": answer,
+                        "response_tokens": len(c.response_ids), "finish_reason": c.finish_reason,
+                        **{k: float(v) for k, v in score.items()}})
+    return records
+
+
+# --- metrics -------------------------------------------------------------------------------------------
+
+def summarize(records: list[dict[str, Any]], n: int, categories: dict[int, str] | None = None) -> dict[str, Any]:
+    """pass@1, mean@k, pass@k and format over prompts (records grouped by ``index``), overall and per
+    category."""
+    by_prompt: dict[int, list[dict]] = defaultdict(list)
+    for r in records:
+        by_prompt[r["index"]].append(r)
+
+    def stats(indices: list[int]) -> dict[str, float]:
+        groups = [sorted(by_prompt[i], key=lambda r: r["sample"]) for i in indices]
+        count = max(len(groups), 1)
+        out = {"prompts": len(groups),
+               "pass@1": sum(g[0]["accuracy"] for g in groups) / count,
+               f"mean@{n}": sum(sum(r["accuracy"] for r in g) / len(g) for g in groups) / count,
+               "format": sum(sum(r["format"] for r in g) / len(g) for g in groups) / count}
+        if n > 1:
+            out[f"pass@{n}"] = sum(max(r["accuracy"] for r in g) for g in groups) / count
+        return out
+
+    indices = sorted(by_prompt)
+    summary = {"overall": stats(indices)}
+    if categories:
+        per: dict[str, list[int]] = defaultdict(list)
+        for i in indices:
+            per[categories.get(i, "")].append(i)
+        summary["categories"] = {c: stats(ix) for c, ix in sorted(per.items())}
+    return summary
+
+
+def comparison_markdown(summaries: dict[str, dict[str, Any]], n: int) -> str:
+    """Metrics as rows, models as columns; per-category rows give the category's mean@k."""
+    names = list(summaries)
+    metrics = ["prompts", "pass@1", f"mean@{n}"] + ([f"pass@{n}"] if n > 1 else []) + ["format"]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for m in metrics:
+        cells = [summaries[name]["overall"].get(m) for name in names]
+        lines.append(f"| {m} | " + " | ".join(_cell(v) for v in cells) + " |")
+    cats = sorted({c for s in summaries.values() for c in s.get("categories", {})})
+    for c in cats:
+        cells = [summaries[name].get("categories", {}).get(c, {}).get(f"mean@{n}") for name in names]
+        lines.append(f"| {c or '(none)'} mean@{n} | " + " | ".join(_cell(v) for v in cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, int):
+        return str(v)
+    return f"{100 * v:.1f}"
+
+
+# --- settings and data ---------------------------------------------------------------------------------
+
+def find_run_config(model_dir: str | Path) -> Path | None:
+    """The training run's ``config.toml`` for a model directory: in it, or up to two levels above
+    (``<run.dir>/<stage>/hf``)."""
+    d = Path(model_dir).resolve()
+    for cand in (d, d.parent, d.parent.parent):
+        if (cand / "config.toml").is_file():
+            return cand / "config.toml"
+    return None
+
+
+def run_settings(model_dir: str | Path) -> tuple[Config, Path | None]:
+    path = find_run_config(model_dir)
+    return (load_config(path) if path is not None else Config()), path
+
+
+def detect_columns(names: list[str], source: str) -> tuple[str, str, str, str | None]:
+    def pick(options: tuple[str, ...], what: str) -> str:
+        for o in options:
+            if o in names:
+                return o
+        raise ConfigError(f"--data {source!r}: no {what} column (looked for {list(options)}, found {names}).")
+
+    category = next((c for c in CATEGORY_COLUMNS if c in names), None)
+    return pick(IMAGE_COLUMNS, "image"), pick(PROBLEM_COLUMNS, "question"), pick(ANSWER_COLUMNS, "answer"), category
+
+
+def model_name(model_dir: str | Path, taken: set[str]) -> str:
+    """A file-safe name: an export ``<run>/<stage>/hf`` becomes ``<run>-<stage>``."""
+    d = Path(model_dir).resolve()
+    name = f"{d.parent.parent.name}-{d.parent.name}" if d.name == "hf" else d.name
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "model"
+    base, k = name, 2
+    while name in taken:
+        name, k = f"{base}-{k}", k + 1
+    taken.add(name)
+    return name
+
+
+@dataclass
+class EvalSettings:
+    template: str
+    system_prompt: str
+    min_pixels: int
+    max_pixels: int
+    max_prompt_length: int
+    max_new_tokens: int
+    top_p: float
+    seed: int
+    batch_size: int
+    reward_function: str
+    format_weight: float
+    reward_timeout_s: float
+    reward_workers: int
+    synthetic_val_size: int
+    rollout: Any
+
+
+def resolve_settings(cfg: Config, args: argparse.Namespace) -> EvalSettings:
+    """The run's values, overridden by the flags given on the command line."""
+    def pick(flag: Any, value: Any) -> Any:
+        return value if flag is None else flag
+
+    d, g, r = cfg.data, cfg.grpo, cfg.reward
+    return EvalSettings(
+        template=pick(args.prompt_template, d.prompt_template), system_prompt=pick(args.system_prompt, d.system_prompt),
+        min_pixels=pick(args.min_pixels, d.min_pixels), max_pixels=pick(args.max_pixels, d.max_pixels),
+        max_prompt_length=g.max_prompt_length, max_new_tokens=pick(args.max_new_tokens, g.max_response_length),
+        top_p=pick(args.top_p, g.top_p), seed=pick(args.seed, cfg.run.seed),
+        batch_size=pick(args.batch_size, cfg.rollout.batch_size), reward_function=r.function,
+        format_weight=r.format_weight, reward_timeout_s=r.timeout_s, reward_workers=pick(args.reward_workers, r.num_workers),
+        synthetic_val_size=d.synthetic_val_size, rollout=cfg.rollout)
+
+
+def evaluate_model(model_dir: str, args: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict]:
+    """Encode the set with this model's processor and run settings, generate, score; records + summary."""
+    from transformers import AutoConfig
+
+    from .data import Columns, Encoder, SkipCounter, encode_many, lazy_images, load_table
+    from .model import load_processor
+    from .rewards import RewardScorer
+    from .rollout.engine import make_engine
+
+    cfg, cfg_path = run_settings(model_dir)
+    s = resolve_settings(cfg, args)
+    log.info("eval %s: settings from %s", model_dir, cfg_path or "defaults and flags")
+    table = load_table(args.data, args.split, kind="rl", seed=s.seed, synthetic_size=s.synthetic_val_size, key="--data")
+    if args.limit:
+        table = table.select(range(min(args.limit, len(table))))
+    image_col, problem_col, answer_col, category_col = detect_columns(list(table.column_names), args.data)
+    table = lazy_images(table, image_col)
+    processor = load_processor(model_dir, min_pixels=s.min_pixels, max_pixels=s.max_pixels)
+    mcfg = AutoConfig.from_pretrained(model_dir)
+    encoder = Encoder(processor, mcfg, Columns(image_col, problem_col, answer_col), template=s.template,
+                      system_prompt=s.system_prompt, min_pixels=s.min_pixels, max_pixels=s.max_pixels,
+                      max_length=s.max_prompt_length)
+    skips = SkipCounter()
+    prompts = encode_many(lambda row, i: encoder.prompt(row, i), ((table[i], i) for i in range(len(table))), skips,
+                          "--data")
+    tok = processor.tokenizer
+    r = s.rollout
+    engine = make_engine(
+        args.engine if args.engine != "auto" else ("vllm" if device.type == "cuda" else "hf"), model_dir,
+        device=device, batch_size=s.batch_size, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.pad_token_id, gpu_memory_utilization=r.gpu_memory_utilization,
+        tensor_parallel_size=r.tensor_parallel_size, max_num_batched_tokens=r.max_num_batched_tokens,
+        enforce_eager=r.enforce_eager, enable_prefix_caching=r.enable_prefix_caching,
+        max_model_len=s.max_prompt_length + s.max_new_tokens, seed=s.seed, min_pixels=s.min_pixels,
+        max_pixels=s.max_pixels)  # vLLM runs its own processor: the same pixel bounds as the encoder
+    sampling = val_sampling(n=args.n, temperature=args.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                            seed=s.seed, banned_token_ids=(mcfg.image_token_id, mcfg.video_token_id,
+                                                           mcfg.vision_start_token_id, mcfg.vision_end_token_id))
+    with RewardScorer(fn=s.reward_function or None, format_weight=s.format_weight, timeout_s=s.reward_timeout_s,
+                      num_workers=s.reward_workers) as scorer:
+        records = generate_and_score(engine, tok, prompts, sampling, scorer)
+    del engine
+    categories = {}
+    for rec in records:
+        row = table[rec["index"]]
+        rec["question"] = row[problem_col]
+        if category_col is not None:
+            rec["category"] = categories.setdefault(rec["index"], str(row[category_col]))
+    summary = summarize(records, args.n, categories if category_col else None)
+    summary["overall"]["skipped"] = skips.total
+    summary["settings"] = {"model": str(model_dir), "run_config": str(cfg_path) if cfg_path else None,
+                           "data": args.data, "split": args.split, "n": args.n, "temperature": args.temperature,
+                           "max_new_tokens": s.max_new_tokens}
+    return records, summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rlcs_fast.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", required=True, help="model directory (repeat to compare models)")
+    p.add_argument("--data", required=True, help="hub id, local parquet/JSONL file or folder, or 'synthetic'")
+    p.add_argument("--split", default="test", help="split (default test; 'synthetic' maps it to its val split)")
+    p.add_argument("--n", type=int, default=1, help="responses per question (mean@k, pass@k)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's grpo.max_response_length")
+    p.add_argument("--out", default="eval_out", help="output folder for <model>.jsonl and summary.md/.json")
+    p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto", help="auto: vLLM on GPU, else transformers")
+    p.add_argument("--limit", type=int, default=0, help="first N rows only (0: all)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per transformers generate call")
+    p.add_argument("--prompt-template", default=None)
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--min-pixels", type=int, default=None)
+    p.add_argument("--max-pixels", type=int, default=None)
+    p.add_argument("--reward-workers", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.n < 1:
+        p.error("--n must be >= 1")
+    if args.temperature < 0:
+        p.error("--temperature must be >= 0")
+    if args.n > 1 and args.temperature == 0:
+        p.error("--n > 1 needs --temperature > 0: greedy decoding gives n identical answers")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .metrics import setup_logging
+
+    args = parse_args(argv)
+    setup_logging(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries: dict[str, dict] = {}
+    taken: set[str] = set()
+    try:
+        for model_dir in args.model:
+            if not Path(model_dir).is_dir():
+                raise ConfigError(f"--model {model_dir!r} is not a directory (give an exported HF directory, e.g. "
+                                  "<run.dir>/grpo/hf).")
+            name = model_name(model_dir, taken)
+            records, summary = evaluate_model(model_dir, args, device)
+            with (out / f"{name}.jsonl").open("w") as f:
+                for rec in records:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            summaries[name] = summary
+            log.info("eval %s: %s", name, "  ".join(f"{k} {v:.4f}" for k, v in summary["overall"].items()
+                                                     if isinstance(v, float)))
+    except ConfigError as e:
+        print(f"rlcs_fast.eval: {e}", file=sys.stderr)
+        return 2
+    table = comparison_markdown(summaries, args.n)
+    header = f"# eval on {args.data} ({args.split}), n={args.n}, temperature={args.temperature}; accuracy in %\n\n"
+    (out / "summary.md").write_text(header + table + "\n")
+    (out / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""The run plan that ``python -m rlcs_fast.train --cfg FILE --dry-run`` prints: what a config will do,
+checked and sized before any GPU time is spent.
+
+- Model: the architecture read from the model's ``config.json`` only (no weights are loaded), with the
+  parameter count computed from the config (:func:`count_params`, equal to the instantiated model's).
+- Data: each table the stages read, its columns and first row when reachable; an unreachable hub or a
+  missing column is reported with the config key to change.
+- Batches: prompts and responses per step, optimizer updates per step, micro-batch token budget, steps
+  per epoch.
+- Memory per GPU, a simple model (all numbers in GiB = 2**30 bytes):
+  * training state under FSDP2 full sharding over ``world`` ranks: fp32 master parameters (4 B/param),
+    fp32 gradients of the trainable ones (4 B), AdamW ``exp_avg`` and ``exp_avg_sq`` in fp32 (8 B), each
+    divided by ``world``; plus the bf16 all-gather of the largest shard unit, twice (current and
+    prefetched); the frozen reference model of the KL term is fp32 and sharded the same way;
+  * activations of one micro-batch at the token budget ``T`` (bf16, 2 B/value). A decoder layer keeps
+    about ``8·H + 2·kv_dim + 4·I`` values per token for backward (norm inputs and outputs, q/k/v,
+    attention output, residuals, MLP gate/up/act/product); a vision block about ``8·H_v + 4·I_v`` per
+    patch. With activation checkpointing only each layer's input (``H`` per token) is kept, plus one
+    layer's full set while it is recomputed. Image patches per micro-batch: the budget times the image
+    share of the longest sequence (``max_pixels / 28²`` merged tokens, 4 patches each). The fused log-prob
+    head never materialises ``[T, V]`` logits, so the head adds only ``T·H``;
+  * vLLM while awake (GRPO; validation of either stage when ``rollout.engine = "vllm"``): bf16 weights
+    (2 B/param over the tensor-parallel size) and the KV cache in the rest of
+    ``rollout.gpu_memory_utilization`` × GPU memory; KV bytes per token ``2·layers·kv_heads·head_dim·2``.
+  Not modelled: the CUDA context and allocator fragmentation (budget ~2-4 GiB), NCCL buffers, and the
+  image processor's host memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Config, ConfigError
+
+GIB = 2**30
+MERGED_PATCH_PIXELS = 28 * 28  # one merged image token covers 28×28 pixels (patch 14, spatial merge 2)
+DEFAULT_GPU_GIB = 80.0  # H100 / A100-80G, when no GPU is visible to size the plan against
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """What the plan needs of a Qwen2.5-VL config."""
+
+    model_type: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    vision_depth: int
+    vision_hidden: int
+    vision_heads: int
+    vision_intermediate: int
+    vision_out: int
+    patch_size: int
+    merge_size: int
+    text_params: int
+    vision_params: int
+
+    @property
+    def total_params(self) -> int:
+        return self.text_params + self.vision_params
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def load_model_config(path: str, *, key: str = "model.path"):
+    """The model's config (``config.json`` only, never weights): a local directory, a hub id, or
+    ``"tiny"``."""
+    if path == "tiny":
+        from .tiny import tiny_config
+
+        return tiny_config()
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config key `{key}` = {path!r}: could not read its config.json ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}). Give a local Hugging Face directory, a "
+                          "hub id reachable from this machine, or \"tiny\".") from e
+
+
+def count_params(config) -> tuple[int, int]:
+    """(text, vision) parameter counts of ``Qwen2_5_VLForConditionalGeneration`` built from ``config``,
+    tied embeddings counted once. Mirrors the module shapes of transformers' Qwen2.5-VL."""
+    t, v = config.text_config, config.vision_config
+    h, inter, vocab = t.hidden_size, t.intermediate_size, t.vocab_size
+    hd = getattr(t, "head_dim", None) or h // t.num_attention_heads
+    q, kv = t.num_attention_heads * hd, t.num_key_value_heads * hd
+    attn = (h * q + q) + 2 * (h * kv + kv) + q * h  # q/k/v carry biases, o_proj does not
+    layer = attn + 3 * h * inter + 2 * h  # gated MLP without biases, two RMSNorms
+    text = vocab * h + t.num_hidden_layers * layer + h  # embeddings, layers, final norm
+    if not config.tie_word_embeddings:
+        text += vocab * h  # lm_head
+    vh, vi = v.hidden_size, v.intermediate_size
+    block = (vh * 3 * vh + 3 * vh) + (vh * vh + vh) + 2 * (vh * vi + vi) + (vi * vh + vh) + 2 * vh
+    merged = vh * v.spatial_merge_size**2
+    merger = vh + (merged * merged + merged) + (merged * v.out_hidden_size + v.out_hidden_size)
+    patch_embed = v.in_channels * v.temporal_patch_size * v.patch_size**2 * vh  # Conv3d without bias
+    vision = patch_embed + v.depth * block + merger
+    return text, vision
+
+
+def model_arch(config) -> ModelArch:
+    t, v = config.text_config, config.vision_config
+    text, vision = count_params(config)
+    return ModelArch(
+        model_type=config.model_type, layers=t.num_hidden_layers, hidden=t.hidden_size,
+        heads=t.num_attention_heads, kv_heads=t.num_key_value_heads,
+        head_dim=getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads,
+        intermediate=t.intermediate_size, vocab=t.vocab_size, tied=bool(config.tie_word_embeddings),
+        vision_depth=v.depth, vision_hidden=v.hidden_size, vision_heads=v.num_heads,
+        vision_intermediate=v.intermediate_size, vision_out=v.out_hidden_size, patch_size=v.patch_size,
+        merge_size=v.spatial_merge_size, text_params=text, vision_params=vision)
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+@dataclass
+class DataCheck:
+    key: str  # the config key that names the source, e.g. "data.train"
+    source: str
+    split: str
+    ok: bool
+    columns: list[str] = field(default_factory=list)
+    rows: int | None = None  # None: not known without downloading the whole set
+    first_row: dict[str, str] = field(default_factory=dict)  # column -> short description
+    error: str = ""
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value[:80] + ("…" if len(value) > 80 else ""))
+    if isinstance(value, list):
+        return f"list of {len(value)}" + (f" ({_describe(value[0])} …)" if value else "")
+    if isinstance(value, dict):
+        if "bytes" in value or "path" in value:
+            return f"image ({len(value.get('bytes') or b'')} bytes)"
+        return "dict with keys " + ", ".join(sorted(value))
+    return type(value).__name__ + ("" if value is None else f" {str(value)[:40]}")
+
+
+def check_data(source: str, split: str, *, key: str, kind: str, columns, seed: int = 0,
+               synthetic_size: int = 0) -> DataCheck:
+    """Load the table's schema and first row (a hub set is streamed, never downloaded whole) and check
+    the configured columns. Never raises for an unreachable source: the result says what failed."""
+    import datasets
+
+    from .data import check_columns, load_table
+
+    out = DataCheck(key, source, split, ok=False)
+    try:
+        is_hub = source != "synthetic" and not os.path.exists(os.path.expanduser(source))
+        if is_hub and source.count("/") == 1 and not source.startswith((".", "/")):
+            try:
+                ds = datasets.load_dataset(source, split=split, streaming=True)
+                first = next(iter(ds.take(1)), None)
+            except Exception as e:  # any failure of the hub or of the files behind it
+                raise ConfigError(f"config key `{key}` = {source!r}: the hub is unreachable or the split "
+                                  f"{split!r} does not exist ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                                  "Use a local parquet/JSONL path, or run where the hub is reachable.") from e
+            out.columns = list(first.keys()) if first is not None else list(ds.column_names or [])
+            info = ds.info.splits.get(split) if ds.info and ds.info.splits else None
+            out.rows = info.num_examples if info is not None and info.num_examples else None
+        else:
+            ds = load_table(source, split, kind=kind, seed=seed, synthetic_size=synthetic_size, key=key)
+            out.columns, out.rows = list(ds.column_names), len(ds)
+            from .data import lazy_images
+
+            ds = lazy_images(ds, columns.images)
+            first = ds[0] if len(ds) else None
+        if first is not None:
+            out.first_row = {c: _describe(first[c]) for c in out.columns}
+
+        class _Names:  # check_columns only reads column_names
+            column_names = out.columns
+
+        check_columns(_Names, columns, source=source)
+        out.ok = True
+    except ConfigError as e:
+        out.error = str(e)
+    return out
+
+
+# --- batches and memory --------------------------------------------------------------------------------
+
+def batch_plan(cfg: Config, stage: str, world: int, train_rows: int | None) -> dict[str, Any]:
+    if stage == "sft":
+        s = cfg.sft
+        steps_per_epoch = math.ceil(train_rows / s.global_batch_size) if train_rows else None
+        steps = s.steps or (math.ceil(s.epochs * steps_per_epoch) if steps_per_epoch else None)
+        return {"sequences per step": s.global_batch_size,
+                "sequences per rank per step": math.ceil(s.global_batch_size / world),
+                "optimizer updates per step": 1, "micro-batch token budget": s.max_tokens_per_microbatch,
+                "max tokens per sequence": cfg.data.max_length, "steps per epoch": steps_per_epoch,
+                "steps": steps, "epochs": s.epochs if not s.steps else (s.steps / steps_per_epoch if steps_per_epoch else None)}
+    g = cfg.grpo
+    steps_per_epoch = math.ceil(train_rows / g.rollout_batch_size) if train_rows else None
+    return {"prompts per step": g.rollout_batch_size, "responses per step": g.rollout_batch_size * g.n,
+            "prompts per rank per step": math.ceil(g.rollout_batch_size / world),
+            "optimizer updates per step": g.epochs * (g.rollout_batch_size // g.mini_batch_size),
+            "responses per update": g.mini_batch_size * g.n, "micro-batch token budget": g.max_tokens_per_microbatch,
+            "max tokens per sequence": g.max_prompt_length + g.max_response_length,
+            "steps per epoch": steps_per_epoch, "steps": g.steps,
+            "epochs": g.steps / steps_per_epoch if steps_per_epoch else None}
+
+
+def _largest_unit(arch: ModelArch) -> int:
+    """Parameters of the largest FSDP2 shard group: a decoder layer, a vision block or the root
+    (embeddings, head, norm, merger and patch embedding), as ``model.apply_fsdp`` groups them."""
+    h, vh = arch.hidden, arch.vision_hidden
+    layer = (h * h * 2 + 2 * h * arch.kv_dim + h + 2 * arch.kv_dim) + 3 * h * arch.intermediate + 2 * h
+    block = 4 * vh * vh + 4 * vh + 3 * vh * arch.vision_intermediate + 2 * arch.vision_intermediate + 3 * vh
+    merged = vh * arch.merge_size**2
+    root = arch.vocab * h * (1 if arch.tied else 2) + h + merged * merged + merged * arch.vision_out + vh
+    return max(layer, block, root)
+
+
+def memory_plan(arch: ModelArch, cfg: Config, stage: str, world: int, gpu_gib: float) -> dict[str, float]:
+    """Per-GPU GiB by component (see the module docstring for the model)."""
+    p, trainable = arch.total_params, arch.total_params - (arch.vision_params if cfg.model.freeze_vision else 0)
+    out = {"parameters (fp32 master, sharded)": 4 * p / world,
+           "gradients (fp32, sharded)": 4 * trainable / world,
+           "AdamW states (2 x fp32, sharded)": 8 * trainable / world,
+           "all-gathered bf16 units (current + prefetch)": 2 * 2 * _largest_unit(arch) if world > 1 else 0.0}
+    if stage == "grpo" and cfg.grpo.kl_coef > 0:
+        out["reference model (fp32, sharded)"] = 4 * p / world
+    if stage == "sft":
+        budget, seq_len = cfg.sft.max_tokens_per_microbatch, cfg.data.max_length
+    else:
+        budget, seq_len = cfg.grpo.max_tokens_per_microbatch, cfg.grpo.max_prompt_length + cfg.grpo.max_response_length
+    image_tokens = min(cfg.data.max_pixels // MERGED_PATCH_PIXELS, seq_len)
+    patches = budget * image_tokens / seq_len * arch.merge_size**2
+    per_layer = budget * (8 * arch.hidden + 2 * arch.kv_dim + 4 * arch.intermediate) * 2
+    per_block = patches * (8 * arch.vision_hidden + 4 * arch.vision_intermediate) * 2
+    full = arch.layers * per_layer + arch.vision_depth * per_block + budget * arch.hidden * 4
+    ckpt = (arch.layers * budget * arch.hidden * 2 + arch.vision_depth * patches * arch.vision_hidden * 2
+            + max(per_layer, per_block) + budget * arch.hidden * 4)
+    out["activations, no checkpointing"] = full
+    out["activations, checkpointing"] = ckpt
+    chosen = ckpt if cfg.model.gradient_checkpointing else full
+    out = {k: v / GIB for k, v in out.items()}
+    state = sum(v for k, v in out.items() if not k.startswith("activations"))
+    out["training peak (state + chosen activations)"] = state + chosen / GIB
+    if stage == "grpo" or cfg.rollout.engine == "vllm":
+        r = cfg.rollout
+        weights = 2 * p / r.tensor_parallel_size / GIB
+        pool = r.gpu_memory_utilization * gpu_gib
+        kv_per_token = 2 * arch.layers * arch.kv_dim * 2 / r.tensor_parallel_size
+        out["vLLM weights (bf16)"] = weights
+        out["vLLM KV cache"] = max(pool - weights, 0.0)
+        out["vLLM KV tokens that fit"] = max(pool - weights, 0.0) * GIB / kv_per_token
+        out["awake: sharded training state + vLLM pool"] = state + pool
+    return out
+
+
+def world_size() -> int:
+    """The ranks the run will use: torchrun's WORLD_SIZE, else the visible GPUs, else 1."""
+    if os.environ.get("WORLD_SIZE"):
+        return int(os.environ["WORLD_SIZE"])
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+def gpu_memory_gib() -> tuple[float, bool]:
+    """(GiB per GPU, measured?) of the first visible GPU, else the 80 GiB assumption."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GIB, True
+    return DEFAULT_GPU_GIB, False
+
+
+# --- the whole plan ------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    arch: ModelArch | None
+    model_error: str
+    data: list[DataCheck]
+    batches: dict[str, dict[str, Any]]
+    memory: dict[str, dict[int, dict[str, float]]]  # stage -> world -> component -> GiB
+    world: int
+    gpu_gib: float
+    gpu_measured: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.arch is not None and all(d.ok for d in self.data)
+
+
+def build_plan(cfg: Config, *, world: int | None = None, gpu_gib: float | None = None) -> Plan:
+    from .data import Columns
+
+    world = world or world_size()
+    measured = gpu_gib is not None
+    if gpu_gib is None:
+        gpu_gib, measured = gpu_memory_gib()
+    arch, model_error = None, ""
+    try:
+        arch = model_arch(load_model_config(cfg.model.path))
+    except ConfigError as e:
+        model_error = str(e)
+    d = cfg.data
+    columns = Columns(d.image_column, d.problem_column, d.answer_column)
+    checks, rows = [], {}
+    for key, source, split, size in (("data.train", d.train, d.train_split, d.synthetic_train_size),
+                                     ("data.val", d.val, d.val_split, d.synthetic_val_size)):
+        kind = "sft" if cfg.run.stages == ["sft"] else "rl"
+        c = check_data(source, split, key=key, kind=kind, columns=columns, seed=cfg.run.seed, synthetic_size=size)
+        checks.append(c)
+        rows[key] = c.rows
+    batches, memory = {}, {}
+    worlds = sorted({1, 2, 4, 8, world})
+    for stage in cfg.run.stages:
+        batches[stage] = batch_plan(cfg, stage, world, rows["data.train"])
+        if arch is not None:
+            memory[stage] = {w: memory_plan(arch, cfg, stage, w, gpu_gib) for w in worlds}
+    return Plan(arch, model_error, checks, batches, memory, world, gpu_gib, measured)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "unknown (row count not in the hub's metadata)"
+    if isinstance(v, float):
+        return f"{v:,.2f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def format_plan(plan: Plan, cfg: Config) -> str:
+    lines = [f"rlcs_fast dry run: stages {cfg.run.stages}, run.dir {cfg.run.dir!r}, world size {plan.world}"
+             f" (WORLD_SIZE or visible GPUs), GPU memory {plan.gpu_gib:.0f} GiB"
+             f"{'' if plan.gpu_measured else ' (assumed: no GPU visible)'}", ""]
+    lines.append(f"== model: {cfg.model.path}")
+    a = plan.arch
+    if a is None:
+        lines.append(f"  ERROR {plan.model_error}")
+    else:
+        lines += [
+            f"  text: {a.layers} layers, hidden {a.hidden}, heads {a.heads} (kv {a.kv_heads}, head dim {a.head_dim}), "
+            f"MLP {a.intermediate}, vocab {a.vocab}, embeddings {'tied' if a.tied else 'untied'}",
+            f"  vision: {a.vision_depth} blocks, hidden {a.vision_hidden}, heads {a.vision_heads}, MLP "
+            f"{a.vision_intermediate}, patch {a.patch_size}, merge {a.merge_size}x{a.merge_size}, out {a.vision_out}"
+            f"{' (frozen)' if cfg.model.freeze_vision else ''}",
+            f"  parameters (from the config): {a.total_params:,} = text {a.text_params:,} + vision {a.vision_params:,}"
+            f" ({a.total_params / 1e9:.2f}B)"]
+    lines.append("")
+    lines.append("== data")
+    for c in plan.data:
+        head = f"  {c.key} = {c.source!r} split {c.split!r}: "
+        if not c.ok:
+            lines.append(head + f"ERROR {c.error}")
+            continue
+        lines.append(head + f"{_fmt(c.rows)} rows, columns {c.columns}")
+        for col, desc in c.first_row.items():
+            lines.append(f"      first row {col}: {desc}")
+    for stage, b in plan.batches.items():
+        lines += ["", f"== batches ({stage})"]
+        lines += [f"  {k}: {_fmt(v)}" for k, v in b.items()]
+    for stage, by_world in plan.memory.items():
+        lines += ["", f"== memory per GPU ({stage}), GiB, FSDP2 over N ranks; "
+                      f"activation checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}"]
+        worlds = list(by_world)
+        lines.append("  " + f"{'component':46s}" + "".join(f"{'N=' + str(w) + ('*' if w == plan.world else ''):>12s}" for w in worlds))
+        for comp in by_world[worlds[0]]:
+            fmt = (lambda v: f"{v:12,.0f}") if "tokens" in comp else (lambda v: f"{v:12.2f}")
+            lines.append(f"  {comp:46s}" + "".join(fmt(by_world[w][comp]) for w in worlds))
+        mine = by_world[plan.world]
+        peak = max(mine["training peak (state + chosen activations)"],
+                   mine.get("awake: sharded training state + vLLM pool", 0.0))
+        verdict = "fits" if peak < plan.gpu_gib * 0.95 else "DOES NOT FIT"
+        lines.append(f"  => at N={plan.world}: peak {peak:.1f} of {plan.gpu_gib:.0f} GiB: {verdict}")
+    lines += ["", "plan OK" if plan.ok else "plan has ERRORS (see above)"]
+    return "\n".join(lines)

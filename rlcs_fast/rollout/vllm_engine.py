@@ -1,0 +1,326 @@
+"""Rollouts with vLLM, co-located with the trainer: one engine per training process on the same GPU,
+started inside the torchrun job (``distributed_executor_backend="external_launcher"``), asleep while the
+trainer runs.
+
+One GRPO step, as the loop drives it through the `RolloutEngine` protocol (`wake_up` → `load_weights` →
+`generate` → `sleep`), becomes in vLLM terms::
+
+    wake_up(["weights"])                        # only the weights' memory: the KV cache is still free
+    collective_rpc("reload_weights", weights_iterator=stream)   # full bf16 tensors, one at a time
+    wake_up(["kv_cache"]); reset_prefix_cache() # cached prefixes hold KV computed with the old weights
+    generate(...)
+    sleep(level=2)                              # weights and KV cache freed (not copied to CPU)
+    reset_encoder_cache(); empty_cache()        # the vision encoder cache survives sleep otherwise
+
+Facts this relies on (vLLM 0.32 sources; notes/systems.md §3):
+- `reload_weights` without `weights_iterator` reloads the checkpoint *from disk* (trl#5312): rollouts
+  would silently use the base model. The iterator is always passed; versions whose model runner lacks
+  the argument get `model_runner.model.load_weights(iter)` instead.
+- A level-2 sleep loses the weights: generating after a wake without a push gives gibberish
+  (vllm#29341), so `generate` refuses until a push followed the wake.
+- `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` makes sleep free nothing (or trip an assert,
+  depending on the version): refused at start.
+- The multimodal encoder cache (`encoder_cache[mm_hash]`) lives outside the sleepable pools and is
+  only evicted under capacity pressure: without a reset, GPU memory grows by one entry per image per
+  step (EasyR1 PR #11002).
+- vLLM's Qwen2-VL processor expands each `<|image_pad|>` of a token prompt into the image's run itself
+  (`PromptReplacement` of the single pad token): requests carry one pad per image, never the run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .engine import Completion, Request, SamplingParams
+
+log = logging.getLogger("rlcs_fast")
+
+SLEEP_TAGS = ("weights", "kv_cache")
+# wrappers that insert a module level into parameter names (activation checkpointing, torch.compile,
+# FSDP1); vLLM's loaders know only the Hugging Face names
+WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+# --- pure helpers (tested without vLLM) ----------------------------------------------------------------
+
+def check_alloc_conf(env: Mapping[str, str] = os.environ) -> None:
+    """Refuse `expandable_segments:True` with sleep mode: vLLM's sleep then frees no memory."""
+    for key in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        for part in env.get(key, "").split(","):
+            name, _, value = part.strip().partition(":")
+            if name.strip() == "expandable_segments" and value.strip().lower() == "true":
+                raise ValueError(
+                    f"{key}={env[key]!r} sets expandable_segments:True, which breaks vLLM's sleep mode "
+                    "(the co-located engine would keep its weights and KV cache on the GPU while the trainer "
+                    f"runs). Unset it or use expandable_segments:False with rollout.engine = \"vllm\".")
+
+
+def collapse_image_pads(prompt_ids: Sequence[int], image_token_id: int) -> list[int]:
+    """Token ids with each run of `<|image_pad|>` replaced by one pad: vLLM expands it per image."""
+    out: list[int] = []
+    for t in prompt_ids:
+        if t == image_token_id and out and out[-1] == image_token_id:
+            continue
+        out.append(int(t))
+    return out
+
+
+def vllm_prompt(prompt_ids: Sequence[int], images: Sequence[Image.Image], *, image_token_id: int | None,
+                mm_processor_kwargs: dict[str, int] | None = None) -> dict[str, Any]:
+    """One vLLM `TokensPrompt` dict: token ids (one pad per image) + the pre-resized images."""
+    if not images:
+        if image_token_id is not None:
+            assert image_token_id not in prompt_ids, "prompt holds <|image_pad|> tokens but no images"
+        return {"prompt_token_ids": [int(t) for t in prompt_ids]}
+    assert image_token_id is not None, "images given to a text-only model"
+    ids = collapse_image_pads(prompt_ids, image_token_id)
+    pads = sum(t == image_token_id for t in ids)
+    assert pads == len(images), f"{pads} <|image_pad|> runs in the prompt for {len(images)} images"
+    out: dict[str, Any] = {"prompt_token_ids": ids, "multi_modal_data": {"image": list(images)}}
+    if mm_processor_kwargs:
+        out["mm_processor_kwargs"] = dict(mm_processor_kwargs)
+    return out
+
+
+def vllm_weight_name(name: str) -> str:
+    for part in WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def completion_from_output(prompt_ids: list[int], output: Any, want_logprobs: bool) -> Completion:
+    """A vLLM `CompletionOutput` → `Completion` (the stop token, when one ended it, is kept as HF does)."""
+    ids = [int(t) for t in output.token_ids]
+    logprobs = None
+    if want_logprobs:
+        assert output.logprobs is not None and len(output.logprobs) == len(ids), "vLLM returned no log-probs"
+        logprobs = [float(pos[t].logprob) for pos, t in zip(output.logprobs, ids)]
+    finish = "stop" if output.finish_reason == "stop" else "length"
+    return Completion(prompt_ids, ids, logprobs, finish)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_launcher_env() -> None:
+    """external_launcher reads the torchrun variables; a plain `python -m` run is a world of one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return  # vLLM reuses the trainer's world group
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+# --- the engine --------------------------------------------------------------------------------------
+
+class VLLMEngine:
+    """`RolloutEngine` on vLLM. State machine (mirrored by `tests`' FakeEngine):
+    asleep → `wake_up()` (weights) → `load_weights()` (then KV cache, prefix cache reset) → `generate`
+    (any number of times) → `sleep()`. `wake_up(tags)` takes vLLM's tags for callers that want them."""
+
+    def __init__(self, model_path: str, *, gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1,
+                 max_num_batched_tokens: int = 16384, enforce_eager: bool = False,
+                 enable_prefix_caching: bool = True, max_model_len: int = 4096, seed: int = 0,
+                 eos_token_id: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
+                 max_images_per_prompt: int = 4, dtype: str = "auto", load_format: str = "dummy",
+                 sleep_level: int = 2, enable_sleep_mode: bool | None = None, max_num_seqs: int = 256):
+        on_gpu = torch.cuda.is_available()
+        # sleep mode exists on CUDA/ROCm only; vLLM refuses the flag elsewhere (its CPU sleep is a no-op)
+        self.sleep_mode = on_gpu if enable_sleep_mode is None else enable_sleep_mode
+        # vLLM's own sleep/wake: with sleep mode, and on CPU, where they are no-ops around a scheduler
+        # pause/resume (so the CPU test drives the real call sequence); never on a GPU without sleep mode
+        self._forward_sleep = self.sleep_mode or not on_gpu
+        if self.sleep_mode:
+            check_alloc_conf()
+        assert sleep_level in (1, 2), f"sleep_level must be 1 or 2, got {sleep_level}"
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise ImportError("rollout.engine = \"vllm\" needs vLLM: pip install 'rlcs-fast[vllm]'") from e
+        hf = json.loads((Path(model_path) / "config.json").read_text()) if Path(model_path).is_dir() else {}
+        self.image_token_id: int | None = hf.get("image_token_id")
+        self.vocab_size = int(hf.get("text_config", hf).get("vocab_size") or hf.get("vocab_size") or 0)
+        self.eos_token_id = eos_token_id
+        self.tensor_parallel_size = tensor_parallel_size
+        self.sleep_level = sleep_level
+        self.mm_processor_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+                                    if v is not None}
+        kwargs: dict[str, Any] = {}
+        if "vision_config" in hf:
+            # video 0: no video memory profiled; the same pixel bounds as the trainer's processor (images
+            # arrive pre-resized to them, so vLLM's resize is the identity)
+            kwargs["limit_mm_per_prompt"] = {"image": max_images_per_prompt, "video": 0}
+            if self.mm_processor_kwargs:
+                kwargs["mm_processor_kwargs"] = dict(self.mm_processor_kwargs)
+        if dtype == "auto":
+            dtype = "bfloat16" if on_gpu else "float32"
+        _ensure_launcher_env()
+        self.llm = LLM(
+            model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, load_format=load_format,
+            tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher",
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=True,
+            enable_sleep_mode=self.sleep_mode,
+            # log-probs after temperature (what the trainer's log_softmax(logits / T) computes), not raw
+            logprobs_mode="processed_logprobs", **kwargs)
+        self._asleep: set[str] = set()
+        self._weights_current = load_format != "dummy"  # dummy weights are random until the first push
+        self._reload_takes_iterator = self._check_reload_api()
+        if self.sleep_mode:  # the trainer owns the GPU until the first rollout
+            self.sleep()
+
+    # --- state ---------------------------------------------------------------------------------------
+    @property
+    def asleep(self) -> frozenset[str]:
+        return frozenset(self._asleep)
+
+    def sleep(self, level: int | None = None) -> None:
+        level = self.sleep_level if level is None else level
+        if set(SLEEP_TAGS) <= self._asleep:
+            return
+        if self._asleep:  # half awake (weights only): wake fully first, vLLM sleeps all tags at once
+            self._wake(sorted(self._asleep))
+        if self._forward_sleep:
+            self.llm.sleep(level=level)
+        self._asleep = set(SLEEP_TAGS)
+        if level >= 2:
+            self._weights_current = False
+        self._reset_encoder_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Default: the weights only; the KV cache wakes after the push (or at the first `generate`),
+        so that it is never resident while weights stream in."""
+        tags = ["weights"] if tags is None else list(tags)
+        assert set(tags) <= set(SLEEP_TAGS), f"unknown sleep tags {tags}"
+        self._wake([t for t in tags if t in self._asleep])
+
+    def _wake(self, tags: list[str]) -> None:
+        if not tags:
+            return  # vLLM ignores the whole call when one tag is awake already
+        if "kv_cache" in tags and "weights" in self._asleep and "weights" not in tags:
+            raise RuntimeError("wake the weights before the KV cache")
+        if self._forward_sleep:
+            self.llm.wake_up(tags=tags)
+        self._asleep -= set(tags)
+
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
+
+    def _reset_encoder_cache(self) -> None:
+        engine = self.llm.llm_engine
+        if hasattr(engine, "reset_encoder_cache"):
+            engine.reset_encoder_cache()
+        else:
+            self.llm.collective_rpc("reset_encoder_cache")
+
+    def memory_gb(self) -> float:
+        """GPU memory resident in vLLM's sleepable pools (weights, KV cache), in GiB; 0 without them."""
+        if not (self.sleep_mode and torch.cuda.is_available()):
+            return 0.0
+        from vllm.device_allocator.cumem import CuMemAllocator
+
+        pool = CuMemAllocator.get_instance().pointer_to_data.values()
+        return sum(d.handle[1] for d in pool if not getattr(d, "is_asleep", False)) / 2**30
+
+    # --- weights -------------------------------------------------------------------------------------
+    def _model_runner(self):
+        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+
+    def _check_reload_api(self) -> bool:
+        reload = getattr(self._model_runner(), "reload_weights", None)
+        return reload is not None and "weights_iterator" in inspect.signature(reload).parameters
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if "weights" in self._asleep:
+            raise RuntimeError("load_weights on a sleeping engine: call wake_up() first")
+        pushed = [0]
+
+        def stream() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in named_tensors:
+                pushed[0] += 1
+                yield vllm_weight_name(name), tensor
+
+        if self._reload_takes_iterator:
+            # never without the iterator: that reloads the checkpoint from disk (trl#5312)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream(),
+                                                              "is_checkpoint_format": True})
+        else:
+            self._model_runner().model.load_weights(stream())
+        if pushed[0] == 0:
+            raise RuntimeError("load_weights got no tensors: the engine would keep stale or freed weights")
+        self._weights_current = True
+        self._wake([t for t in ("kv_cache",) if t in self._asleep])
+        self.reset_prefix_cache()
+
+    # --- generation ----------------------------------------------------------------------------------
+    def _sampling_params(self, sampling: SamplingParams, seed: int):
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        allowed = None
+        if sampling.banned_token_ids:
+            # a hard ban (logits masked to -inf) over the model's whole embedding, as HF's suppress_tokens
+            banned = set(sampling.banned_token_ids)
+            allowed = [t for t in range(self.vocab_size) if t not in banned]
+        greedy = sampling.temperature == 0
+        return VLLMSamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p, top_k=0,
+            max_tokens=sampling.max_tokens, seed=seed, logprobs=0 if sampling.logprobs else None,
+            stop_token_ids=[self.eos_token_id] if self.eos_token_id is not None else None,
+            allowed_token_ids=allowed, detokenize=False)
+
+    def generate(self, requests: list[Request], sampling: SamplingParams) -> list[Completion]:
+        if "weights" in self._asleep:
+            raise RuntimeError("generate on a sleeping engine: call wake_up() and load_weights() first")
+        if not self._weights_current:
+            raise RuntimeError("generate after a level-2 sleep (or on dummy weights) without a weight push: "
+                               "the engine's weights are garbage; call load_weights() after wake_up()")
+        self._wake([t for t in ("kv_cache",) if t in self._asleep])
+        mine = [(r.prompt_ids.tolist(), list(r.images)) for r in requests]
+        batch, seed, lo = self._tp_batch(mine, sampling.seed)
+        prompts = [vllm_prompt(ids, imgs, image_token_id=self.image_token_id,
+                               mm_processor_kwargs=self.mm_processor_kwargs) for ids, imgs in batch]
+        # one seed per request (vLLM gives sample k of it seed + k): reproducible whatever the batching,
+        # and independent of the trainer's RNG, which fork_rng also keeps untouched
+        params = [self._sampling_params(sampling, seed + i * sampling.n) for i in range(len(batch))]
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        out: list[Completion] = []
+        for (ids, _), res in list(zip(batch, outputs))[lo:lo + len(mine)]:
+            samples = sorted(res.outputs, key=lambda o: o.index)
+            assert len(samples) == sampling.n, f"vLLM returned {len(samples)} samples, asked for {sampling.n}"
+            out += [completion_from_output(ids, o, sampling.logprobs) for o in samples]
+        return out
+
+    def _tp_batch(self, mine: list, seed: int) -> tuple[list, int, int]:
+        """Under tensor parallelism every rank of a TP group must run the same requests with the same
+        seeds (each rank schedules and samples on its own): gather the group's prompts, run them all, keep
+        this rank's slice. Returns (requests, seed, offset of this rank's requests)."""
+        if self.tensor_parallel_size == 1:
+            return mine, seed, 0
+        import torch.distributed as dist
+        from vllm.distributed.parallel_state import get_tp_group
+
+        group = get_tp_group()
+        parts: list[Any] = [None] * group.world_size
+        dist.all_gather_object(parts, (mine, seed), group=group.cpu_group)
+        offset = sum(len(p[0]) for p in parts[:group.rank_in_group])
+        return [r for p in parts for r in p[0]], parts[0][1], offset

@@ -1,0 +1,214 @@
+"""The paper's recipe at real scale: the shipped 3B/7B configs carry the recipe's values, and the dry run
+plans a 3B/7B run on the CPU from the released architectures' config.json alone (no weights), with local
+data or a hub set served through a mocked HTTP layer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlcs_fast.config import load_config
+from rlcs_fast.plan import count_params, load_model_config, model_arch
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+RECIPES = ["sft_3b", "sft_7b", "grpo_3b", "grpo_7b"]
+
+# The released Qwen/Qwen2.5-VL-{3B,7B}-Instruct config.json values (legacy layout, as published).
+_VISION = {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+           "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+           "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2}
+_COMMON = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "attention_dropout": 0.0,
+           "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+           "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
+           "initializer_range": 0.02, "max_position_embeddings": 128000, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+           "sliding_window": 32768, "use_sliding_window": False, "torch_dtype": "bfloat16", "use_cache": True,
+           "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
+RELEASED = {
+    "3b": {**_COMMON, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+           "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True, "max_window_layers": 70,
+           "vision_config": {**_VISION, "out_hidden_size": 2048}},
+    "7b": {**_COMMON, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+           "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False, "max_window_layers": 28,
+           "vision_config": {**_VISION, "out_hidden_size": 3584}},
+}
+
+
+def released_dir(root: Path, size: str) -> Path:
+    d = root / f"qwen2_5_vl_{size}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(RELEASED[size]))
+    return d
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_config_loads_and_every_value_says_where_it_comes_from(name):
+    path = CONFIGS / f"{name}.toml"
+    load_config(path)
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        s = line.strip()
+        if "=" not in s or s.startswith(("#", "[")):
+            continue
+        key = s.split("=", 1)[0].strip()
+        if key in ("dir", "stages", "resume", "progress", "train_split", "val_split"):
+            continue  # run plumbing, not recipe values
+        prev = lines[i - 1].strip() if i else ""
+        assert "#" in s or prev.startswith("#"), f"{name}.toml line {i + 1}: `{s}` has no source comment"
+
+
+@pytest.mark.parametrize("size", ["3b", "7b"])
+def test_recipe_values(size):
+    sft, grpo = load_config(CONFIGS / f"sft_{size}.toml"), load_config(CONFIGS / f"grpo_{size}.toml")
+    model = f"Qwen/Qwen2.5-VL-{size.upper()}-Instruct"
+    assert sft.model.path == model and grpo.model.path == model
+    assert sft.run.stages == ["sft"] and grpo.run.stages == ["grpo"]
+    assert sft.data.train == "WaltonFuture/Multimodal-Cold-Start"
+    assert grpo.data.train == "WaltonFuture/Multimodal-RL-Data"
+    assert sft.sft.epochs == 3 and sft.sft.steps == 0 and sft.data.max_pixels == 1204224
+    assert sft.model.gradient_checkpointing and not sft.model.freeze_vision and sft.data.system_prompt
+    g = grpo.grpo
+    assert (g.n, g.temperature, g.top_p, g.rollout_batch_size, g.mini_batch_size) == (10, 0.7, 0.99, 512, 128)
+    assert (grpo.optim.lr, grpo.optim.weight_decay, grpo.optim.grad_clip) == (1e-6, 1e-2, 1.0)
+    assert (g.kl_coef, g.kl_type, g.max_prompt_length, g.max_response_length) == (1e-2, "low_var_kl", 2048, 2048)
+    assert (grpo.data.min_pixels, grpo.data.max_pixels) == (262144, 1204224)
+    assert (g.val_temperature, g.val_n) == (0.5, 1)
+    assert grpo.reward.format_weight == 0 and grpo.reward.function == ""
+    assert grpo.rollout.engine == "vllm" and grpo.model.gradient_checkpointing and not grpo.model.freeze_vision
+    # the policy sees in RL the prompt it was cold-started on
+    assert sft.data.system_prompt == grpo.data.system_prompt and sft.data.prompt_template == grpo.data.prompt_template
+
+
+@pytest.mark.parametrize("size, expected", [("3b", None), ("7b", 8_292_166_656), ("tiny", None)])
+def test_parameter_count_from_config_equals_the_built_model(tmp_path, size, expected):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = load_model_config("tiny" if size == "tiny" else str(released_dir(tmp_path, size)))
+    with torch.device("meta"):  # shapes only: a 7B model costs no memory here
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    text, vision = count_params(config)
+    assert text + vision == sum(p.numel() for p in model.parameters())
+    assert vision == sum(p.numel() for p in model.model.visual.parameters())
+    if expected is not None:
+        assert text + vision == expected  # the 8.29B the model card states
+    arch = model_arch(config)
+    if size == "7b":
+        assert (arch.layers, arch.hidden, arch.heads, arch.kv_heads, arch.vocab, arch.tied) == (28, 3584, 28, 4, 152064, False)
+
+
+def test_dry_run_plans_a_7b_grpo_run_without_weights(tmp_path):
+    from rlcs_fast.synthetic import save_synthetic
+
+    model = released_dir(tmp_path, "7b")
+    data = tmp_path / "rl.parquet"
+    save_synthetic(data, "rl", "train", 12, seed=0)
+    cmd = [sys.executable, "-m", "rlcs_fast.train", "--cfg", str(CONFIGS / "grpo_7b.toml"), "--dry-run",
+           "--model.path", str(model), "--data.train", str(data), "--data.val", str(data)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "28 layers, hidden 3584, heads 28 (kv 4, head dim 128), MLP 18944, vocab 152064" in out
+    assert "vision: 32 blocks, hidden 1280" in out and "8,292,166,656" in out
+    assert "12 rows, columns ['images', 'problem', 'answer']" in out
+    for line in ("prompts per step: 512", "responses per step: 5,120", "optimizer updates per step: 4",
+                 "micro-batch token budget: 16,384", "steps per epoch: 1"):
+        assert line in out, line
+    assert "AdamW states (2 x fp32, sharded)" in out and "vLLM KV cache" in out and "plan OK" in out
+    assert not (tmp_path / "runs").exists(), "a dry run must not create the run directory"
+
+
+def test_memory_plan_shards_state_over_ranks(tmp_path):
+    from rlcs_fast.plan import build_plan
+
+    cfg = load_config(CONFIGS / "grpo_7b.toml", {"model.path": str(released_dir(tmp_path, "7b")),
+                                                  "data.train": "synthetic", "data.val": "synthetic",
+                                                  "data.synthetic_train_size": 4, "data.synthetic_val_size": 2})
+    plan = build_plan(cfg, world=8, gpu_gib=80.0)
+    mem = plan.memory["grpo"]
+    p = 8_292_166_656
+    assert mem[8]["AdamW states (2 x fp32, sharded)"] == pytest.approx(8 * p / 8 / 2**30)
+    assert mem[1]["parameters (fp32 master, sharded)"] == pytest.approx(8 * mem[8]["parameters (fp32 master, sharded)"])
+    assert mem[8]["activations, checkpointing"] < mem[8]["activations, no checkpointing"] / 5
+    assert mem[8]["vLLM weights (bf16)"] == pytest.approx(2 * p / 2**30)
+    # the recipe fits an 8 x 80 GB node at 7B, and does not fit one GPU
+    assert mem[8]["awake: sharded training state + vLLM pool"] < 76 < mem[1]["training peak (state + chosen activations)"]
+
+
+MOCK_HUB = '''
+import re, sys
+import httpx2, huggingface_hub
+
+PARQ = open({parquet!r}, "rb").read()
+REPO, SHA = "WaltonFuture/Multimodal-RL-Data", "0123456789abcdef0123456789abcdef01234567"
+README = b"---\\nconfigs:\\n- config_name: default\\n  data_files:\\n  - split: train\\n    path: data/train-*.parquet\\n---\\n"
+FILES = {{"README.md": README, "data/train-00000-of-00001.parquet": PARQ}}
+
+def file_response(req, body):
+    headers = {{"x-repo-commit": SHA, "etag": '"e%d"' % len(body), "accept-ranges": "bytes"}}
+    m = re.match(r"bytes=(\\d+)-(\\d*)", req.headers.get("range", ""))
+    status = 200
+    if m:
+        a = int(m[1]); b = int(m[2]) if m[2] else len(body) - 1
+        headers["content-range"] = f"bytes {{a}}-{{min(b, len(body) - 1)}}/{{len(body)}}"
+        body, status = body[a:b + 1], 206
+    headers["content-length"] = str(len(body))
+    return httpx2.Response(status, headers=headers, content=b"" if req.method == "HEAD" else body)
+
+def handler(req):
+    path = req.url.path
+    if req.url.host != "huggingface.co":  # datasets-server, S3: not part of this hub
+        return httpx2.Response(404, json={{"error": "not found"}})
+    if "{unreachable}" in path:  # a set this hub does not serve (a refused connection is retried ~24 s)
+        return httpx2.Response(404, headers={{"x-error-code": "RepoNotFound"}}, json={{"error": "Repository not found"}})
+    m = re.match(rf"/datasets/{{REPO}}/resolve/[^/]+/(.+)", path)
+    if m and m[1] in FILES:
+        return file_response(req, FILES[m[1]])
+    if re.fullmatch(rf"/api/datasets/{{REPO}}(/revision/[^/]+)?", path):
+        return httpx2.Response(200, json={{"id": REPO, "sha": SHA, "siblings": [{{"rfilename": f}} for f in FILES]}})
+    m = re.fullmatch(rf"/api/datasets/{{REPO}}/tree/[^/]+/?(.*)", path)
+    if m is not None:
+        prefix = m[1]
+        if prefix == "data":
+            return httpx2.Response(200, json=[{{"type": "file", "path": "data/train-00000-of-00001.parquet",
+                                               "size": len(PARQ), "oid": "1" * 40}}])
+        return httpx2.Response(200, json=[{{"type": "file", "path": "README.md", "size": len(README), "oid": "2" * 40}},
+                                          {{"type": "directory", "path": "data", "oid": "3" * 40}}])
+    return httpx2.Response(404, json={{"error": "not found"}})
+
+huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(handler)))
+from rlcs_fast.train import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_dry_run_reads_a_hub_set_through_http_and_names_the_key_it_cannot_reach(tmp_path):
+    from rlcs_fast.synthetic import save_synthetic
+
+    parquet = tmp_path / "served.parquet"
+    save_synthetic(parquet, "rl", "train", 5, seed=1)
+    script = tmp_path / "mocked_hub_train.py"
+    script.write_text(textwrap.dedent(MOCK_HUB.format(parquet=str(parquet), unreachable="Unreachable-Set")))
+    env = _env() | {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home")}
+    cmd = [sys.executable, str(script), "--cfg", str(CONFIGS / "grpo_3b.toml"), "--dry-run",
+           "--model.path", str(released_dir(tmp_path, "3b")), "--data.val", "someone/Unreachable-Set"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr  # the plan reports an error: the val set cannot be loaded
+    assert "data.train = 'WaltonFuture/Multimodal-RL-Data' split 'train'" in out
+    assert "columns ['images', 'problem', 'answer']" in out
+    assert "ERROR config key `data.val` = 'someone/Unreachable-Set'" in out and "unreachable" in out
+    assert "36 layers, hidden 2048, heads 16 (kv 2" in out and "embeddings tied" in out
