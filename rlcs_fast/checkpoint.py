@@ -1,13 +1,38 @@
-"""Resumable checkpoints through ``torch.distributed.checkpoint`` (sharded, resumable on another number
-of processes), written atomically: every rank writes into ``step_N.tmp``, then rank 0 adds ``meta.json``
-and renames the folder. A crash mid-write leaves the previous checkpoint as the newest complete one."""
+"""Resumable checkpoints through ``torch.distributed.checkpoint`` (DCP), sharded and written atomically.
+
+Layout of one checkpoint, ``<root>/step_NNNNNNNN/``: DCP's ``.metadata`` and ``__R_0.distcp`` shards (model
+and optimizer, keyed by parameter name, so they load on any number of processes: DCP reshards on load),
+``extra_rank{r}.pt`` per rank (scheduler, data position, skip counters, RNG) and ``meta.json`` (step,
+world size), written last.
+
+Atomic: every rank writes into ``step_N.tmp``; after a barrier rank 0 adds ``meta.json``, fsyncs and renames
+the folder. Only a folder named ``step_N`` holding ``meta.json`` counts as complete, so a process killed
+mid-write leaves the previous checkpoint as the newest complete one (``run.resume = "auto"`` picks it) and
+the partial ``.tmp`` is removed on the next start. Old checkpoints lose ``meta.json`` before their files,
+so an interrupted clean-up never leaves a half-deleted folder that looks complete.
+
+Resuming on another world size (the rule for per-rank state):
+- model and optimizer: resharded by DCP, exact;
+- extra state: step, scheduler and stage state are the same on every rank, so every rank takes rank 0's;
+  the skip counters are per rank (``SkipCounter``, keyed by global row), so the stage merges all saved
+  ranks' counters into rank 0 (``saved_extras``) to keep the global count;
+- RNG: a rank's stream cannot be split or merged, so each rank is reseeded with a seed drawn from rank 0's
+  saved torch state plus its rank: deterministic, distinct per rank. The trainer's results do not depend
+  on it: SFT draws no random numbers (data order is ``data.global_indices``, seeded by step), and GRPO
+  seeds each step's generation with (run.seed, step, rank). So an SFT continuation on any world size equals
+  the uninterrupted run; a GRPO continuation is deterministic but, as with any world-size change, its
+  rollouts are those of the new rank layout.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +42,21 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from . import dist
 
+log = logging.getLogger("rlcs_fast")
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def fsync_tree(path: str | Path, *, recursive: bool = True) -> None:
+    """Flush `path` (a folder, and with `recursive` every file under it) to disk. A rename is atomic but
+    does not make the data behind it durable: fsync before publishing, and the parent after renaming."""
+    path = Path(path)
+    for p in [*(path.rglob("*") if recursive else ()), path]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -32,6 +71,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def reseed_rng(state: dict[str, Any], rank: int) -> int:
+    """Seed python, torch and CUDA with a seed drawn from `state` (rank 0's saved RNG) plus `rank`."""
+    g = torch.Generator()
+    g.set_state(state["torch"])
+    seed = int(torch.randint(0, 2**62, (1,), generator=g)) + rank
+    random.seed(seed)
+    torch.manual_seed(seed)  # also every CUDA device
+    return seed
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -49,10 +98,29 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def saved_world_size(path: str | Path) -> int:
+    return int(json.loads((Path(path) / "meta.json").read_text())["world_size"])
+
+
+def _single_process_ok():
+    """DCP warns on every call without a process group; one process is a supported case here."""
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    return _Exit(ctx)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder, `meta.json` first, so that it stops counting as complete at once."""
+    (path / "meta.json").unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def save(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          extra: dict[str, Any], *, keep: int) -> Path:
-    """Write checkpoint `step`. `extra` (scheduler state, data position, counters) is JSON-free Python
-    data saved with torch.save per rank together with that rank's RNG state."""
+    """Write checkpoint `step` (collective: every rank calls it). `extra` (scheduler state, data position,
+    counters) is plain Python data saved with torch.save per rank, with that rank's RNG state. Keeps the
+    newest `keep` complete checkpoints."""
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
@@ -61,39 +129,88 @@ def save(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.o
         tmp.mkdir(parents=True)
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save({"extra": extra, "rng": rng_state()}, tmp / f"extra_rank{dist.rank()}.pt")
+    with _single_process_ok():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))  # fsyncs its own files
+    own = tmp / f"extra_rank{dist.rank()}.pt"
+    torch.save({"extra": extra, "rng": rng_state()}, own)
+    fsync_tree(own, recursive=False)
     dist.barrier()
     if dist.rank() == 0:
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": dist.world_size()}))
-        if final.exists():
-            shutil.rmtree(final)
+        meta = tmp / "meta.json"
+        meta.write_text(json.dumps({"step": step, "world_size": dist.world_size(), "time": time.time()}))
+        fsync_tree(meta, recursive=False)
+        fsync_tree(tmp, recursive=False)
+        if final.exists():  # the same step written again (a resumed run re-saving it)
+            _remove(final)
         tmp.rename(final)
+        fsync_tree(root, recursive=False)
         for old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     dist.barrier()
     return final
 
 
 def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model and optimizer (resharded to this world size) and this rank's RNG; returns `extra`.
+    """Restore model and optimizer (resharded to this world size) and the RNG; returns this rank's `extra`.
 
-    A run resumed on a different number of processes takes rank 0's extra state and RNG for new ranks."""
+    Same world size as the save: each rank gets its own extra state and RNG. Another world size: rank 0's
+    extra state on every rank, and the RNG reseeded per rank (see the module docstring)."""
     path = Path(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    own = path / f"extra_rank{dist.rank()}.pt"
-    saved = torch.load(own if own.exists() else path / "extra_rank0.pt", weights_only=True)
-    set_rng_state(saved["rng"])
+    saved_world = saved_world_size(path)
+    if saved_world == dist.world_size():
+        saved = torch.load(path / f"extra_rank{dist.rank()}.pt", weights_only=True)
+        set_rng_state(saved["rng"])
+    else:
+        saved = torch.load(path / "extra_rank0.pt", weights_only=True)
+        reseed_rng(saved["rng"], dist.rank())
+        if dist.rank() == 0:
+            log.info("checkpoint %s was written by %d process(es), resuming on %d: model and optimizer "
+                     "resharded, per-rank RNG reseeded", path, saved_world, dist.world_size())
     return saved["extra"]
 
 
+def saved_extras(path: str | Path) -> list[dict[str, Any]]:
+    """The `extra` state of every rank that wrote checkpoint `path`, by rank."""
+    path = Path(path)
+    return [torch.load(path / f"extra_rank{r}.pt", weights_only=True)["extra"]
+            for r in range(saved_world_size(path))]
+
+
+def check_shared(root: str | Path) -> None:
+    """Fail early, with the fix, when the ranks do not all see rank 0's checkpoint folder (multi-node
+    without a shared file system): DCP writes each rank's shard where that rank runs, and resuming needs
+    every shard and the metadata in one place."""
+    if not dist.is_dist():
+        return
+    root = Path(root)
+    probe = root / f".shared_probe_{os.getpid()}_{time.time_ns()}"
+    if dist.rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_text("shared")
+    probe = Path(dist.broadcast_object(str(probe)))  # also orders the write before the reads below
+    seen = torch.tensor([1 if probe.is_file() else 0])
+    dist.all_reduce(seen, "min")
+    dist.barrier()
+    if dist.rank() == 0:
+        probe.unlink(missing_ok=True)
+    if not int(seen.item()):
+        raise RuntimeError(f"checkpoint folder {str(root)!r} (under run.dir) is not visible from every process: "
+                           "put run.dir on a file system all nodes share (NFS, Lustre, a mounted bucket); "
+                           "see the README's Multi-node section.")
+
+
 def clean_partial(root: str | Path) -> None:
-    """Remove `*.tmp` folders left by a crash during a write (rank 0)."""
+    """Remove what a crash during a write or a clean-up leaves (rank 0): `*.tmp` folders and step folders
+    without `meta.json`."""
     root = Path(root)
     if dist.rank() == 0 and root.is_dir():
-        for p in root.glob("step_*.tmp"):
-            shutil.rmtree(p, ignore_errors=True)
+        for p in root.iterdir():
+            if p.name.startswith("step_") and (p.name.endswith(".tmp") or
+                                               (_STEP_DIR.match(p.name) and not (p / "meta.json").is_file())):
+                shutil.rmtree(p, ignore_errors=True)
     dist.barrier()

@@ -37,6 +37,7 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 mixed precision on GPU, fp32 on CPU
     attention: Literal["auto", "flash", "torch_varlen", "sdpa_packed"] = "auto"
     gradient_checkpointing: bool = False
+    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: params, grads, optimizer in CPU memory (CUDA only)
     freeze_vision: bool = False
     tiny_seed: int = 0  # weight seed of the offline tiny model
 
@@ -297,6 +298,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key `run.stages` = {cfg.run.stages}: each stage once, sft before grpo.")
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).exists():
         raise ConfigError(f"config key `run.resume` = {cfg.run.resume!r}: use \"auto\", \"never\" or an existing checkpoint directory.")
+    if cfg.model.cpu_offload and cfg.run.device == "cpu":
+        raise ConfigError("config key `model.cpu_offload` = true needs a CUDA device (FSDP2's CPUOffloadPolicy "
+                          "streams CPU-resident shards to the GPU), but `run.device` = \"cpu\": set "
+                          "`model.cpu_offload = false`.")
     positive = {
         "sft.global_batch_size": cfg.sft.global_batch_size,
         "sft.max_tokens_per_microbatch": cfg.sft.max_tokens_per_microbatch,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -13,7 +15,9 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from . import dist
 from .attention import apply_attention, select_attention
+from .checkpoint import fsync_tree
 from .packing import PackedBatch, forward_hidden
+from .trainer_utils import full_tensor
 
 log = logging.getLogger("rlcs_fast")
 
@@ -78,13 +82,37 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def apply_fsdp(policy: Policy, *, mixed_precision: bool) -> Policy:
-    """FSDP2: one shard group per decoder layer and per vision block, the rest (embeddings, head, norm,
-    merger) in the root. On CPU (gloo) parameters stay float32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def check_cpu_offload(cpu_offload: bool, device: torch.device) -> None:
+    """`model.cpu_offload` maps to FSDP2's CPUOffloadPolicy, which needs an accelerator: its sharded
+    parameters, gradients and optimizer states live in (pinned) CPU memory and are copied to the GPU
+    for each layer's forward and backward."""
+    if cpu_offload and device.type != "cuda":
+        from .config import ConfigError
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
-    kw = {"mp_policy": mp} if mp is not None else {}
+        raise ConfigError(f"config key `model.cpu_offload` = true needs a CUDA device, but this run is on {device.type}: "
+                          "set `--model.cpu_offload false` (on the CPU the model is in CPU memory already).")
+
+
+def apply_fsdp(policy: Policy, *, mixed_precision: bool, cpu_offload: bool = False) -> Policy:
+    """FSDP2: one shard group per decoder layer and per vision block, the rest (embeddings, head, norm,
+    merger) in the root. On CPU (gloo) parameters stay float32. `cpu_offload` keeps shards, gradients
+    and the optimizer step on the CPU (FSDP2's CPUOffloadPolicy), for the 7B on small GPUs; it works on
+    one process too (a one-process group is started for the device mesh).
+
+    fully_shard moves each group's parameters to the GPU, shards them, then (offload) moves the shards
+    to the CPU, one group at a time, so load the model on the CPU: the GPU never holds all of it."""
+    import torch.distributed as tdist
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kw = {}
+    if mixed_precision:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+        if not tdist.is_initialized():
+            # the CPU backend carries the collectives on offloaded tensors (grad-norm clipping), as torchtitan does
+            tdist.init_process_group("cuda:nccl,cpu:gloo", store=tdist.HashStore(), rank=0, world_size=1,
+                                     device_id=torch.device("cuda", torch.cuda.current_device()))
     inner = policy.model.model
     for block in inner.visual.blocks:
         fully_shard(block, **kw)
@@ -94,29 +122,98 @@ def apply_fsdp(policy: Policy, *, mixed_precision: bool) -> Policy:
     return policy
 
 
-def full_state_dict(policy: Policy) -> dict[str, torch.Tensor]:
-    """The unsharded model state dict on rank 0 (CPU), gathered tensor by tensor; empty on other ranks."""
-    if not dist.is_dist():
-        return {k: v.detach().cpu() for k, v in policy.model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def hf_weight_names(model: Qwen2_5_VLForConditionalGeneration) -> dict[str, str]:
+    """State-dict name → the name `save_pretrained` writes to disk, in state-dict order, tied aliases left out.
 
-    sd = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return sd if dist.rank() == 0 else {}
+    transformers 5 names modules `model.language_model.*` / `model.visual.*` but writes checkpoints in
+    the original layout (`model.*`, `visual.*`) that the public Qwen2.5-VL repos and vLLM use; its own
+    reverse mapping is applied here to shape-only (meta) tensors, so no weight is touched. A tied head
+    (`lm_head.weight` sharing the embedding's parameter, the 3B) is not written, as `save_pretrained`
+    does: `from_pretrained` and vLLM tie it again from `tie_word_embeddings`."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    sd = model.state_dict()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    drop = {target for target, source in tied.items()
+            if target in sd and model.get_parameter(target) is model.get_parameter(source)}
+    shapes = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items() if k not in drop}
+    by_id = {id(t): k for k, t in shapes.items()}
+    disk = revert_weight_conversion(model, dict(shapes))
+    assert len(disk) == len(shapes) and all(id(t) in by_id for t in disk.values()), (
+        "the checkpoint conversion of this model is not a pure renaming; streaming export cannot write it",
+        sorted(disk)[:5])
+    renamed = {by_id[id(t)]: name for name, t in disk.items()}
+    return {k: renamed[k] for k in shapes}
 
 
-def export_hf(policy: Policy, processor, out_dir: str | Path) -> Path:
-    """A Hugging Face directory (safetensors + config + processor) that transformers and vLLM load,
-    written to a temporary folder and renamed into place."""
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Consecutive names grouped into shards of at most `max_shard_bytes` (a bigger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return [s for s in shards if s]
+
+
+def export_hf(policy: Policy, processor, out_dir: str | Path, *, max_shard_bytes: int = 2 * 2**30) -> Path:
+    """A Hugging Face directory (safetensors + config + processor) that transformers and vLLM load.
+
+    Streamed: parameters are gathered one at a time on every rank (FSDP2 all-gather); rank 0 keeps at
+    most one shard (<= `max_shard_bytes`) in CPU memory, writes it and drops it, and writes the
+    `model.safetensors.index.json` that `save_pretrained` would when there are several shards.
+
+    Atomic: everything goes to `<out>.tmp` (fsynced), then the old `<out>` is renamed away, `<out>.tmp`
+    renamed into place and the old one removed. Stale `<out>.tmp` / `<out>.old` folders from a process
+    killed during an earlier export are removed first; a killed export leaves no `<out>`-named partial
+    folder, and the stage is not marked done, so the next run exports again."""
+    from safetensors.torch import save_file
+
     out_dir = Path(out_dir)
-    sd = full_state_dict(policy)
-    if dist.rank() == 0:
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = policy.model
-        model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+    model = policy.model
+    main = dist.rank() == 0
+    if main:
+        for stale in (tmp, old):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    names = hf_weight_names(model)
+    sd = model.state_dict()
+    sizes = {k: sd[k].numel() * sd[k].element_size() for k in names}
+    shards = plan_shards(sizes, max_shard_bytes)
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for file, shard in zip(files, shards):
+        tensors: dict[str, torch.Tensor] = {}
+        for name in shard:
+            full = full_tensor(sd[name])  # a collective: every rank, same order
+            if main:
+                tensors[names[name]] = full.cpu().contiguous()
+            del full
+        if main:
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        del tensors
+    if main:
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values()),
+                                  "total_parameters": sum(sd[k].numel() for k in names)},
+                     "weight_map": {names[k]: f for f, shard in zip(files, shards) for k in shard}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__.removeprefix("FSDP")]
+        config.dtype = str(sd[next(iter(names))].dtype).removeprefix("torch.")
+        config.save_pretrained(tmp)
+        if model.can_generate():
+            model.generation_config.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        fsync_tree(tmp)
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            out_dir.rename(old)
         tmp.rename(out_dir)
+        fsync_tree(out_dir.parent, recursive=False)  # make the renames durable
+        shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return out_dir

@@ -29,7 +29,15 @@ from .data import (
     rank_share,
 )
 from .metrics import MetricsLogger
-from .model import Policy, apply_activation_checkpointing, apply_fsdp, export_hf, load_model, load_processor
+from .model import (
+    Policy,
+    apply_activation_checkpointing,
+    apply_fsdp,
+    check_cpu_offload,
+    export_hf,
+    load_model,
+    load_processor,
+)
 from .rollout import engine as rollout_engine
 from .trainer_utils import iter_full_weights
 
@@ -66,15 +74,18 @@ class StageContext:
     def create(cls, cfg: Config, stage: str, init_path: str, *, rank: int, world: int, device: torch.device,
                metrics: MetricsLogger) -> StageContext:
         ctx = cls(cfg, stage, init_path, rank, world, device, metrics)
+        check_cpu_offload(cfg.model.cpu_offload, device)
         ctx.processor = load_processor(init_path, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-        model, ctx.attention = load_model(init_path, attention=cfg.model.attention, device=device,
+        # offloaded: fully_shard moves one layer at a time through the GPU, the whole model never is there
+        model, ctx.attention = load_model(init_path, attention=cfg.model.attention,
+                                          device="cpu" if cfg.model.cpu_offload else device,
                                           freeze_vision=cfg.model.freeze_vision)
         ctx.model_config = model.config
         if cfg.model.gradient_checkpointing:
             apply_activation_checkpointing(model)
         ctx.policy = Policy(model)
-        if world > 1:
-            apply_fsdp(ctx.policy, mixed_precision=ctx.mixed_precision)
+        if world > 1 or cfg.model.cpu_offload:
+            apply_fsdp(ctx.policy, mixed_precision=ctx.mixed_precision, cpu_offload=cfg.model.cpu_offload)
         ctx.policy.train()
         log.info("%s: model %s (%.1fM parameters), attention %s, kernels %s, %d process(es) on %s",
                  stage, init_path, sum(p.numel() for p in model.parameters()) / 1e6, ctx.attention,
@@ -183,6 +194,7 @@ class StageContext:
     def resume(self, opt, sched, skips: SkipCounter) -> int:
         """Continue from the newest complete checkpoint of this stage when `run.resume` says so."""
         root = self.dir / "checkpoints"
+        checkpoint.check_shared(root)
         checkpoint.clean_partial(root)
         resume = self.cfg.run.resume
         path = None if resume == "never" else checkpoint.latest_checkpoint(root) if resume == "auto" else Path(resume)
@@ -191,7 +203,11 @@ class StageContext:
             return 0
         extra = checkpoint.load(path, self.policy, opt)
         sched.load_state_dict(extra["scheduler"])
-        skips.load_state(extra.get("skips", {}))
+        if checkpoint.saved_world_size(path) == self.world:
+            skips.load_state(extra.get("skips", {}))
+        elif self.rank == 0:  # another world size: all saved ranks' skipped rows on rank 0, the sum is kept
+            for saved in checkpoint.saved_extras(path):
+                skips.load_state(saved.get("skips", {}))
         self.extra_state = extra.get("stage_state", {})
         self.step = int(extra["step"])
         self.metrics.truncate_after(self.stage, self.step)

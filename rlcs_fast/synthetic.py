@@ -6,9 +6,16 @@ placeholder per image, as EasyR1-format sets have) and ``answer``. In the cold-s
 answer is the whole assistant response, a short chain of thought in ``<think>…</think>`` followed by
 ``The answer is \\boxed{k}.``; in the RL set it is the ground truth ``k``.
 
-Images are 84 or 112 px squares: a 3×3 or 4×4 grid of 28-px cells, exactly one merged ViT token per cell
-(patch 14, merge 2), with at most one filled shape per cell. So the tiny model sees 9 or 16 image tokens,
-each holding at most one shape, and counting is a sum over tokens that a small model can learn.
+Images are grids of 28-px cells, 2 to 6 cells a side (56 to 168 px, not necessarily square), exactly
+one merged ViT token per cell (patch 14, merge 2), with at most one filled shape per cell. So the tiny
+model sees 4 to 36 image tokens, each holding at most one shape, and counting is a sum over tokens that a
+small model can learn. Sequence lengths vary as real multimodal data do (image size, chain-of-thought
+length), which is what packing is for.
+
+The answer is drawn first, uniformly over its range, and the image is built to match: a model that
+ignores the image and always says the most frequent count gets about 1 / (max_shapes + 1) right, so
+accuracy above that measures looking at the image (with layouts drawn first, "1" and "0" dominate the
+colour questions and a constant answer scores ~30%).
 
 Sample ``i`` of a split is a pure function of ``(seed, split, i)`` and of the difficulty arguments, so an
 ``"sft"`` and an ``"rl"`` set built with the same arguments hold the same images and questions, row by row.
@@ -38,7 +45,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 QUESTION_KINDS = ("color", "total", "shape")
-SIDES = (84, 112)
+SIDES = (56, 84, 112, 140, 168)  # 2..6 cells per side
 FEATURES = datasets.Features(
     {
         "images": datasets.Sequence(datasets.Image()),
@@ -50,8 +57,8 @@ _VAL_BUCKETS = 5  # one layout in five belongs to val
 _PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 _BACKGROUND = (255, 255, 255)
 
-# (row, col, shape, colour) of each shape, sorted: the identity of a layout, without the jitter.
-Layout = tuple[int, tuple[tuple[int, int, str, str], ...]]
+# (width, height, sorted (row, col, shape, colour) of each shape): the identity of a layout, without jitter.
+Layout = tuple[int, int, tuple[tuple[int, int, str, str], ...]]
 
 
 def _check_choice(name: str, values: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
@@ -67,21 +74,45 @@ def _layout_is_val(layout: Layout) -> bool:
     return int.from_bytes(digest[:8], "little") % _VAL_BUCKETS == 0
 
 
-def _sample_layout(
-    rng: random.Random, max_shapes: int, colors: tuple[str, ...], shapes: tuple[str, ...]
-) -> Layout:
-    side = rng.choice(SIDES)
-    cells = (side // CELL) ** 2
-    n = rng.randint(1, min(max_shapes, cells))
-    chosen = sorted(rng.sample(range(cells), n))
-    grid = side // CELL
-    return side, tuple((c // grid, c % grid, rng.choice(shapes), rng.choice(colors)) for c in chosen)
+def _sample_item(
+    rng: random.Random,
+    max_shapes: int,
+    kinds: tuple[str, ...],
+    colors: tuple[str, ...],
+    shapes: tuple[str, ...],
+) -> tuple[Layout, str, str, int]:
+    """(layout, question, name of the counted things, count), the count drawn first and uniformly."""
+    kind = rng.choice(kinds)
+    if kind == "color":
+        asked = rng.choice(colors)
+        others, question, things = [c for c in colors if c != asked], f"How many {asked} shapes are in the image?", f"{asked} shapes"
+    elif kind == "shape":
+        asked = rng.choice(shapes)
+        others, question, things = [x for x in shapes if x != asked], f"How many {_PLURAL[asked]} are in the image?", _PLURAL[asked]
+    else:
+        asked, others, question, things = None, [], "How many shapes are in the image?", "shapes"
+    # every image holds at least one shape; distractors need another value of the asked attribute
+    count = rng.randint(0 if others else 1, max_shapes)
+    total = rng.randint(max(count, 1), max_shapes) if others else count
+    while True:
+        width, height = rng.choice(SIDES), rng.choice(SIDES)
+        if (width // CELL) * (height // CELL) >= total:
+            break
+    grid_w = width // CELL
+    cells = rng.sample(range((width // CELL) * (height // CELL)), total)
+    items = []
+    for j, cell in enumerate(cells):
+        match = j < count
+        color = asked if kind == "color" and match else rng.choice(others if kind == "color" else colors)
+        shape = asked if kind == "shape" and match else rng.choice(others if kind == "shape" else shapes)
+        items.append((cell // grid_w, cell % grid_w, shape, color))
+    return (width, height, tuple(sorted(items))), question, things, count
 
 
 def draw_layout(layout: Layout, rng: random.Random) -> Image.Image:
     """Render a layout; ``rng`` jitters size, position inside the cell and shade, never the cell."""
-    side, items = layout
-    image = Image.new("RGB", (side, side), _BACKGROUND)
+    width, height, items = layout
+    image = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(image)
     for row, col, shape, color in items:
         half = rng.randint(8, 11)  # the shape spans 16–22 px, so it stays inside its 28-px cell
@@ -96,33 +127,6 @@ def draw_layout(layout: Layout, rng: random.Random) -> Image.Image:
         else:
             draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
     return image
-
-
-def _question(
-    rng: random.Random,
-    layout: Layout,
-    kinds: tuple[str, ...],
-    colors: tuple[str, ...],
-    shapes: tuple[str, ...],
-) -> tuple[str, str, int]:
-    """(question, name of the counted things, count)."""
-    items = layout[1]
-    kind = rng.choice(kinds)
-    if kind == "color":
-        color = rng.choice(colors)  # a colour absent from the image is asked too: the answer is 0
-        return (
-            f"How many {color} shapes are in the image?",
-            f"{color} shapes",
-            sum(c == color for *_, c in items),
-        )
-    if kind == "shape":
-        shape = rng.choice(shapes)
-        return (
-            f"How many {_PLURAL[shape]} are in the image?",
-            _PLURAL[shape],
-            sum(s == shape for _, _, s, _ in items),
-        )
-    return "How many shapes are in the image?", "shapes", len(items)
 
 
 def cot_answer(things: str, count: int) -> str:
@@ -168,10 +172,9 @@ def synthetic_rows(
     for i in range(n):
         # str seeds are hashed with SHA-512 by `random`: stable across runs, platforms and PYTHONHASHSEED
         rng = random.Random(f"rlcs-synthetic/{split}/{seed}/{i}")
-        layout = _sample_layout(rng, max_shapes, colors, shapes)
+        layout, question, things, count = _sample_item(rng, max_shapes, questions, colors, shapes)
         while _layout_is_val(layout) != want_val:
-            layout = _sample_layout(rng, max_shapes, colors, shapes)
-        question, things, count = _question(rng, layout, questions, colors, shapes)
+            layout, question, things, count = _sample_item(rng, max_shapes, questions, colors, shapes)
         columns["images"].append([draw_layout(layout, rng)])
         columns["problem"].append("<image>" + question)
         columns["answer"].append(cot_answer(things, count) if kind == "sft" else str(count))

@@ -69,13 +69,42 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The unsharded value of a parameter or state-dict entry: a collective for an FSDP2 DTensor (every
+    rank must call it, in the same order), the tensor itself otherwise.
+
+    A shard offloaded to the CPU (FSDP2's CPUOffloadPolicy) is first copied to the mesh's device:
+    NCCL cannot all-gather CPU tensors."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t.detach()
+    mesh_device = t.device_mesh.device_type
+    if t.device.type != mesh_device:
+        t = t.to(mesh_device)
+    return t.full_tensor().detach()
+
+
 def iter_full_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) one parameter at a time: under FSDP2 each is all-gathered on every rank in the
-    same order, so peak extra memory is one full tensor. Names are the HF model's own."""
+    """(name, full tensor) one parameter at a time, in `model.state_dict()` order.
+
+    Names are the HF module's own (`model.language_model.layers.0...`): FSDP2's `fully_shard` and
+    transformers' gradient checkpointing swap parameters in place and wrap no module, so no
+    `_fsdp_wrapped_module` / `_checkpoint_wrapped_module` prefix appears (a test checks it).
+
+    Memory: a generator, so nothing is gathered before the consumer asks for it. Under FSDP2 each step
+    all-gathers one parameter on every rank (the same order on all ranks keeps the collectives in
+    step) and drops the float32 full copy before yielding the cast one; once the consumer lets go of a
+    yielded tensor, the peak extra memory is that of one full tensor (the largest is the embedding,
+    V x H). The consumer must not hold on to the tensors (vLLM's `load_weights` copies each into its
+    own buffers), and every rank must drain the generator (an abandoned one leaves the other ranks
+    waiting in an all-gather)."""
     for name, t in model.state_dict().items():
-        if hasattr(t, "full_tensor"):
-            t = t.full_tensor()
-        yield name, (t.to(dtype) if dtype is not None else t).detach()
+        full = full_tensor(t)
+        if dtype is not None and full.dtype != dtype:
+            full = full.to(dtype)  # the float32 gather is freed here, before the yield
+        yield name, full
+        del full  # otherwise it stays alive during the next all-gather: two full tensors at once
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -56,7 +56,8 @@ def test_schema_matches_public_sets(kind):
     assert len(ds) == 20
     for row in ds:
         assert len(row["images"]) == 1 and row["problem"].count("<image>") == 1
-        assert row["images"][0].size in [(84, 84), (112, 112)] and row["images"][0].mode == "RGB"
+        w, h = row["images"][0].size
+        assert w in synthetic.SIDES and h in synthetic.SIDES and row["images"][0].mode == "RGB"
 
 
 def test_answers_are_true_of_the_images():
@@ -127,7 +128,7 @@ def test_difficulty_parameters():
         assert 1 <= len(cells) <= 2
         assert {color for _, color in cells.values()} <= {"red", "blue"}
         assert re.fullmatch(r"<image>How many (red|blue) shapes are in the image\?", row["problem"])
-    for bad in [dict(max_shapes=0), dict(max_shapes=17), dict(colors=["purple"]), dict(questions=[])]:
+    for bad in [dict(max_shapes=0), dict(max_shapes=37), dict(colors=["purple"]), dict(questions=[])]:
         with pytest.raises(ValueError):
             synthetic_dataset("rl", "train", 1, **bad)
     with pytest.raises(ValueError):
