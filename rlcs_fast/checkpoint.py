@@ -26,6 +26,7 @@ Resuming on another world size (the rule for per-rank state):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,8 @@ import random
 import re
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +105,12 @@ def saved_world_size(path: str | Path) -> int:
     return int(json.loads((Path(path) / "meta.json").read_text())["world_size"])
 
 
-def _single_process_ok():
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
     """DCP warns on every call without a process group; one process is a supported case here."""
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-    return _Exit(ctx)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _remove(path: Path) -> None:

@@ -93,6 +93,24 @@ def check_cpu_offload(cpu_offload: bool, device: torch.device) -> None:
                           "set `--model.cpu_offload false` (on the CPU the model is in CPU memory already).")
 
 
+def _offload_mesh():
+    """The device mesh for offloaded shards: gradients and AdamW states are CPU DTensors, and their
+    collectives (the global grad norm in clipping) need a CPU backend, which an NCCL-only group lacks;
+    torchtitan uses the same "cuda:nccl,cpu:gloo" group for CPU offload. One process gets a one-rank
+    group of its own (FSDP2 needs a mesh even for a single GPU)."""
+    import torch.distributed as tdist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    backend = "cuda:nccl,cpu:gloo"
+    if tdist.is_initialized():
+        group = tdist.new_group(backend=backend)  # collective: every rank builds its policy at the same point
+    else:
+        tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1,
+                                 device_id=torch.device("cuda", torch.cuda.current_device()))
+        group = tdist.group.WORLD
+    return DeviceMesh.from_group(group, "cuda")
+
+
 def apply_fsdp(policy: Policy, *, mixed_precision: bool, cpu_offload: bool = False) -> Policy:
     """FSDP2: one shard group per decoder layer and per vision block, the rest (embeddings, head, norm,
     merger) in the root. On CPU (gloo) parameters stay float32. `cpu_offload` keeps shards, gradients
@@ -101,7 +119,6 @@ def apply_fsdp(policy: Policy, *, mixed_precision: bool, cpu_offload: bool = Fal
 
     fully_shard moves each group's parameters to the GPU, shards them, then (offload) moves the shards
     to the CPU, one group at a time, so load the model on the CPU: the GPU never holds all of it."""
-    import torch.distributed as tdist
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kw = {}
@@ -109,10 +126,7 @@ def apply_fsdp(policy: Policy, *, mixed_precision: bool, cpu_offload: bool = Fal
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
-        if not tdist.is_initialized():
-            # the CPU backend carries the collectives on offloaded tensors (grad-norm clipping), as torchtitan does
-            tdist.init_process_group("cuda:nccl,cpu:gloo", store=tdist.HashStore(), rank=0, world_size=1,
-                                     device_id=torch.device("cuda", torch.cuda.current_device()))
+        kw["mesh"] = _offload_mesh()
     inner = policy.model.model
     for block in inner.visual.blocks:
         fully_shard(block, **kw)

@@ -183,11 +183,13 @@ class StageContext:
 
     def reference_policy(self) -> Policy:
         """The frozen initial policy for the KL term, sharded like the policy."""
-        model, _ = load_model(self.init_path, attention=self.cfg.model.attention, device=self.device)
+        offload = self.cfg.model.cpu_offload
+        model, _ = load_model(self.init_path, attention=self.cfg.model.attention,
+                              device="cpu" if offload else self.device)
         model.requires_grad_(False)
         ref = Policy(model).eval()
-        if self.world > 1:
-            apply_fsdp(ref, mixed_precision=self.mixed_precision)
+        if self.world > 1 or offload:
+            apply_fsdp(ref, mixed_precision=self.mixed_precision, cpu_offload=offload)
         return ref
 
     # --- checkpoints ------------------------------------------------------------------------------
