@@ -150,8 +150,8 @@ def synthetic_rows(
     n: int,
     *,
     seed: int = 0,
-    max_shapes: int = 6,
-    colors: Sequence[str] = tuple(COLORS),
+    max_shapes: int = 4,
+    colors: Sequence[str] = ("red", "green", "blue"),
     shapes: Sequence[str] = SHAPES,
     questions: Sequence[str] = ("color", "total"),
 ) -> dict[str, list]:
@@ -187,8 +187,8 @@ def synthetic_dataset(
     n: int,
     *,
     seed: int = 0,
-    max_shapes: int = 6,
-    colors: Sequence[str] = tuple(COLORS),
+    max_shapes: int = 4,
+    colors: Sequence[str] = ("red", "green", "blue"),
     shapes: Sequence[str] = SHAPES,
     questions: Sequence[str] = ("color", "total"),
 ) -> datasets.Dataset:
