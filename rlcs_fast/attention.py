@@ -227,7 +227,7 @@ def rlcs_attention_forward(
       ``flash_attention_mask`` passes through and a bottom-right causal mask for a KV cache.
     """
     if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError("rlcs_varlen attention has no sliding window (Qwen2.5-VL does not use one)")
+        raise ValueError("rlcs_varlen attention has no sliding window (Qwen2.5-VL does not use one)")
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     backend = getattr(module, _BACKEND_ATTR, "sdpa_packed")

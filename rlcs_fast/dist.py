@@ -69,5 +69,8 @@ def broadcast_object(obj, src: int = 0):
 
 
 def shutdown() -> None:
+    """Tear the group down together: a gloo rank that destroys its group while a peer is still working
+    can abort in gloo's transport thread ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -86,7 +86,7 @@ def mrope_positions(model_config: Any, input_ids: Tensor, image_grid_thw: Tensor
     device = input_ids.device
     is_image = input_ids == model_config.image_token_id
     if (input_ids == model_config.video_token_id).any():
-        raise NotImplementedError("video inputs are not supported by rlcs_fast packing")
+        raise ValueError("video inputs are not supported by rlcs_fast packing (images only)")
     if image_grid_thw is None or image_grid_thw.numel() == 0:
         if is_image.any():
             raise ValueError(f"{int(is_image.sum())} <|image_pad|> tokens but no image_grid_thw")
