@@ -68,9 +68,11 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def shutdown() -> None:
-    """Tear the group down together: a gloo rank that destroys its group while a peer is still working
-    can abort in gloo's transport thread ("terminate called without an active exception")."""
+def shutdown(*, wait: bool = True) -> None:
+    """Tear the group down together (`wait`): a gloo rank that destroys its group while a peer is still
+    working can abort in gloo's transport thread ("terminate called without an active exception").
+    After an error, `wait=False`: the peers may never reach the barrier."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()

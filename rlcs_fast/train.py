@@ -59,9 +59,12 @@ def main(argv: list[str] | None = None) -> int:
                     run_grpo(ctx)
                 del ctx
             init_path = str(stage_dir(run_dir, stage) / "hf")
-    finally:
+    except BaseException:
         metrics.close()
-        dist.shutdown()
+        dist.shutdown(wait=False)
+        raise
+    metrics.close()
+    dist.shutdown()
     return 0
 
 
