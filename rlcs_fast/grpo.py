@@ -310,10 +310,10 @@ def run_grpo(ctx: StageContext) -> None:
         # 4. clipped policy update(s) over mini-batches
         with timer("time/train"):
             train_stats: dict[str, float] = {}
-            per_mini = max(1, len(rollouts) * g.mini_batch_size // max(g.rollout_batch_size, 1))
+            n_mini = g.rollout_batch_size // g.mini_batch_size  # the same on every rank: collectives line up
             for _ in range(g.epochs):
-                for m0 in range(0, g.rollout_batch_size // g.mini_batch_size):
-                    part = rollouts[m0 * per_mini:(m0 + 1) * per_mini]
+                for m0 in range(n_mini):
+                    part = rollouts[m0 * len(rollouts) // n_mini:(m0 + 1) * len(rollouts) // n_mini]
                     if on_policy:
                         for r, lp in zip(part, compute_logprobs(ctx.policy, part, ctx=ctx,
                                                                 max_tokens=g.max_tokens_per_microbatch,
