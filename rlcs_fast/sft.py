@@ -118,10 +118,11 @@ def run_sft(ctx: StageContext) -> None:
         ctx.metrics.update_bar({"loss": row["train/loss"], "tok/s": row["perf/tokens_per_s"]})
         last = step == total_steps
         if (scfg.val_every and step % scfg.val_every == 0) or last:
-            ctx.metrics.close_bar() if last else None
+            if last:
+                ctx.metrics.close_bar()
             vrow = {"val/loss": val_loss(ctx, encoder, val_table, scfg.max_tokens_per_microbatch, skips)}
-            if scfg.val_generate:
-                vrow.update(validate(ctx, val_table, temperature=0.0, n=1))
+            if scfg.val_generate:  # the GRPO stage's validation settings, so the two stages compare
+                vrow.update(validate(ctx, val_table, temperature=cfg.grpo.val_temperature, n=cfg.grpo.val_n))
             ctx.metrics.log("sft", step, vrow)
             log.info("sft step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in vrow.items()))
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
