@@ -115,10 +115,15 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def peak_memory_delta(fn: Callable[[], Any], device: torch.device) -> float | None:
-    """GiB that one call adds on top of what was allocated before it (``max_memory_allocated`` delta)."""
+def peak_memory_delta(fn: Callable[[], Any], device: torch.device,
+                      setup: Callable[[], Any] | None = None) -> float | None:
+    """GiB that one call adds on top of what was allocated before it (``max_memory_allocated`` delta).
+    ``setup`` runs before the baseline is taken (e.g. freeing the previous call's gradients, which the
+    call itself would free: left allocated, they would be in the baseline and hide the new ones)."""
     if device.type != "cuda":
         return None
+    if setup is not None:
+        setup()
     sync(device)
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)
@@ -130,9 +135,13 @@ def peak_memory_delta(fn: Callable[[], Any], device: torch.device) -> float | No
 
 def measure(benchmark, fn: Callable[[], Any], record: Record, *, device: torch.device, rounds: int, warmup: int,
             matmul_flops: float | None = None, matmul_tflops: float | None = None,
-            bytes_moved: float | None = None, copy_gbps: float | None = None) -> Record:
-    """Peak memory of one call, then ``rounds`` timed calls through pytest-benchmark (one call when it is
-    disabled); fills ``record`` and the benchmark's ``extra_info``. A CUDA out-of-memory error marks the
+            bytes_moved: float | None = None, copy_gbps: float | None = None,
+            setup: Callable[[], Any] | None = None) -> Record:
+    """``warmup`` untimed calls (at least one on a GPU), the peak memory of one warm call, then ``rounds``
+    timed calls through pytest-benchmark (one call when it is disabled); fills ``record`` and the
+    benchmark's ``extra_info``. The warm-up comes first so that neither the peak nor the timings include
+    ``torch.compile`` or Triton autotuning (whose benchmarking allocates its own buffers). ``setup`` runs
+    before the memory baseline (see :func:`peak_memory_delta`). A CUDA out-of-memory error marks the
     record ``oom`` (a result: eager torch does not fit) instead of failing the run."""
     times: list[float] = []
 
@@ -143,12 +152,20 @@ def measure(benchmark, fn: Callable[[], Any], record: Record, *, device: torch.d
         sync(device)
         times.append(time.perf_counter() - t0)
 
+    oom = None
     try:
-        record.peak_mem_delta_gib = peak_memory_delta(fn, device)
-        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        for _ in range(max(warmup, 1) if device.type == "cuda" else warmup):
+            fn()
+        record.peak_mem_delta_gib = peak_memory_delta(fn, device, setup)
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0, iterations=1)
     except torch.OutOfMemoryError as e:
-        record.status, record.reason = "oom", str(e).splitlines()[0][:200]
-        torch.cuda.empty_cache()
+        oom = str(e).splitlines()[0][:200]
+    if oom is not None:  # outside the except block: its traceback (and the tensors it holds) is gone
+        record.status, record.reason = "oom", oom
+        if setup is not None:
+            setup()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         benchmark.extra_info.update(asdict(record))
         return record
     counted = times[-rounds:] if len(times) > rounds else times
@@ -226,20 +243,24 @@ def run_case(benchmark, run, record: Record, forward: Callable[[], Any], leaves:
     """Benchmark ``forward`` (mode "fwd": under ``no_grad``) or ``forward().backward()`` (mode "fwd+bwd";
     ``forward`` returns a scalar; the ``leaves``' gradients are cleared before each call so that no
     accumulation is timed) and append the record to the run."""
+    def clear_grads() -> None:
+        for t in leaves:
+            t.grad = None
+
     if record.mode == "fwd":
         def fn() -> None:
             with torch.no_grad():
                 forward()
     else:
         def fn() -> None:
-            for t in leaves:
-                t.grad = None
+            clear_grads()
             forward().backward()
 
     mm = run.ceilings.matmul_tflops(record.N, record.H, record.V) if matmul_flops is not None else None
     bw = run.ceilings.copy_gbps() if bytes_moved is not None else None
     measure(benchmark, fn, record, device=run.device, rounds=run.rounds, warmup=run.warmup,
-            matmul_flops=matmul_flops, matmul_tflops=mm, bytes_moved=bytes_moved, copy_gbps=bw)
+            matmul_flops=matmul_flops, matmul_tflops=mm, bytes_moved=bytes_moved, copy_gbps=bw,
+            setup=clear_grads)
     run.records.append(record)
     return record
 

@@ -40,6 +40,14 @@ def _ci(config: pytest.Config) -> bool:
     return bool(config.getoption("--bench-ci"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # --bench-ci runs on CPU tensors even where a GPU is present: the Triton kernels then need the
+    # interpreter too (set here, before collection imports rlcs_fast.kernels; the import above only covers
+    # machines without a GPU)
+    if _ci(config):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def shapes(config: pytest.Config) -> list[dict[str, int | str]]:
     """The (model, N, H, V) grid this run benchmarks."""
     if _ci(config):

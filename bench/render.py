@@ -93,10 +93,13 @@ def profile_table(data: dict[str, Any]) -> list[str]:
                   else str(s["layers_built"]))
         peak = t.get("peak_memory_gib", t.get("memory", {}).get("peak_gib"))
         ro = d.get("rollout", {})
+        ro_tps = _fmt(ro.get("generate_tokens_per_s"), ",.0f")
+        if ro.get("decoder_layers") not in (None, s["layers_full"]):  # measured on the --layers model
+            ro_tps += f" ({ro['decoder_layers']} layers)"
         out.append(f"| {d['model']} | {d['environment']['device']} | {layers} | {d['train']['tokens']:,} | "
                    f"{ts['step'] * 1e3:.0f} ({ts['forward'] * 1e3:.0f} / {ts['backward'] * 1e3:.0f} / "
                    f"{ts['optimizer'] * 1e3:.0f}) | {t['tokens_per_s']:,.0f} | {t['mfu']:.1%} | {_fmt(peak, '.1f')} | "
-                   f"{_fmt(ro.get('generate_tokens_per_s'), ',.0f')} |")
+                   f"{ro_tps} |")
     return out + [""]
 
 
@@ -190,7 +193,8 @@ def plot(data: dict[str, Any], out_dir: Path) -> list[Path]:
                 ax.set_ylabel(ylabel)
                 ax.grid(True, which="both", alpha=0.3)
             ax_t.legend(fontsize=8)
-            fig.suptitle(f"{op}{variant} {mode}, {model} (H={run['records'][0]['H'] if model != 'any' else '-'}), "
+            hidden = sorted({r["H"] for r in run["records"] if r["op"] == op and r["model"] == model})
+            fig.suptitle(f"{op}{variant} {mode}, {model} (H={'/'.join(map(str, hidden)) if model != 'any' else '-'}), "
                          f"{run['environment']['device']}")
             fig.tight_layout()
             path = out_dir / f"{name}__{op}{variant.replace('+', '_')}__{mode.replace('+', '_')}__{model}.png"

@@ -76,6 +76,8 @@ def test_fused_linear_grpo_loss(benchmark, bench_run, shape, method, mode):
         loss_fn = liger.LigerFusedLinearGRPOLoss(
             beta=OPTIONS["kl_coef"], epsilon_low=OPTIONS["clip_low"], epsilon_high=OPTIONS["clip_high"],
             loss_type="dapo", use_ref_model=True, compiled=not run.ci)
+        if mode == "fwd":  # its forward always forms dh/dW (torch.autograd.grad per chunk, even under no_grad)
+            rec.extra["note"] = "Liger has no forward-only path: this time includes its gradient GEMMs"
 
         def f():
             return loss_fn(h.view(b, seq_len, -1), w, t.view(b, seq_len), mask.view(b, seq_len).long(), seq_adv,

@@ -374,7 +374,8 @@ def profile_rollout(config, device: torch.device, *, prompts: int, n: int, promp
         sync(device)
         times["sleep"] = time.perf_counter() - t0
     generated = sum(len(c.response_ids) for c in completions)
-    return {"time_s": times, "prompts": prompts, "n": n, "prompt_len": prompt_len, "max_response_len": response_len,
+    return {"time_s": times, "decoder_layers": config.text_config.num_hidden_layers,  # --layers: not full depth
+            "prompts": prompts, "n": n, "prompt_len": prompt_len, "max_response_len": response_len,
             "generated_tokens": generated, "generate_tokens_per_s": generated / times["generate"],
             "memory_allocated_awake_gib": mem_awake}
 
@@ -493,6 +494,8 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     else:
         device = torch.device(args.device)
     if device.type == "cuda":
+        if device.index is None:  # torch.cuda.set_device refuses an index-less torch.device("cuda")
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     full = released_config(args.model).text_config.num_hidden_layers
     layers = args.layers or full
@@ -560,7 +563,8 @@ def summary(report: dict[str, Any]) -> str:
     if "skipped" in ro:
         lines.append(f"  rollout: skipped ({ro['skipped']})")
     else:
-        lines.append(f"  rollout: {ro['generated_tokens']:,} tokens in {ro['time_s']['generate']:.2f} s "
+        lines.append(f"  rollout ({ro.get('decoder_layers', s['layers_built'])} layers, not scaled): "
+                     f"{ro['generated_tokens']:,} tokens in {ro['time_s']['generate']:.2f} s "
                      f"({ro['generate_tokens_per_s']:,.0f} tok/s), weight sync {ro['time_s']['wake_and_weight_sync']:.2f} s")
     lines.append(f"  MFU against {report['peak_tflops']:.1f} TFLOP/s ({report['peak_source']})")
     return "\n".join(lines)
