@@ -51,7 +51,7 @@ class DataConfig:
     image_column: str = "images"
     problem_column: str = "problem"
     answer_column: str = "answer"
-    synthetic_train_size: int = 2000
+    synthetic_train_size: int = 20000  # fresh rows each step: the tiny model memorises 2,000 in a few epochs
     synthetic_val_size: int = 128
     val_size: int = 0  # 0: the whole validation set; otherwise its first N rows
     max_length: int = 1024  # SFT: prompt + answer tokens; longer samples are skipped and counted

@@ -6,11 +6,15 @@ placeholder per image, as EasyR1-format sets have) and ``answer``. In the cold-s
 answer is the whole assistant response, a short chain of thought in ``<think>…</think>`` followed by
 ``The answer is \\boxed{k}.``; in the RL set it is the ground truth ``k``.
 
-Images are grids of 28-px cells, 3 or 4 cells a side (84 or 112 px, not necessarily square), exactly
-one merged ViT token per cell (patch 14, merge 2), with at most one filled shape per cell. So the tiny
-model sees 9 to 16 image tokens, each holding at most one shape, and counting is a sum over tokens that a
-small model can learn. (Wider ranges of image sizes, up to 36 tokens, made the cold start too slow to
-learn the format within the CPU time budget of the default run.)
+Images are 84-px boards of 3 × 3 cells of 28 px, exactly one merged ViT token per cell (patch 14,
+merge 2), with at most one filled shape per cell. So the tiny model sees 9 image tokens, each holding at
+most one shape, and a count is a sum over a fixed number of tokens, which a 1M-parameter model learns
+from scratch in a few hundred steps. Measured with the tiny model: with images of 3 or 4 cells a side
+(9, 12 or 16 tokens) it stayed near chance for 400 steps, at one size it counts within 150-250 steps.
+
+Problems come with 0 to 5 sentences of context before the question (none for half of them), which never
+name a colour or a shape: the lengths of the set are long-tailed like those of real problem sets, so
+padding costs what it costs there (about a third of the positions) and packing has something to save.
 
 The answer is drawn first, uniformly over its range, and the image is built to match: a model that
 ignores the image and always says the most frequent count gets about 1 / (max_shapes + 1) right, so
@@ -45,7 +49,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 QUESTION_KINDS = ("color", "total", "shape")
-SIDES = (84, 112)  # 3 or 4 cells a side
+SIDES = (84,)  # 3 cells a side
 FEATURES = datasets.Features(
     {
         "images": datasets.Sequence(datasets.Image()),
@@ -54,6 +58,24 @@ FEATURES = datasets.Features(
     }
 )
 _VAL_BUCKETS = 5  # one layout in five belongs to val
+# Sentences that may precede the question, as the public sets' problems come with more or less context.
+# They say nothing about the colours or shapes present, so the question alone decides the answer.
+CONTEXT = (
+    "The picture shows a white board of three rows and three columns of cells.",
+    "Each cell of the board is either empty or holds exactly one filled figure.",
+    "Empty cells are left white.",
+    "A figure may be small or large, and it may sit a little off the centre of its cell.",
+    "Two figures never share a cell, and no figure spreads over two cells.",
+    "Look at every cell of the board, row by row, before you answer.",
+    "The white background is not a figure and must not be counted.",
+    "The board was drawn for a puzzle book for children.",
+    "Give the final answer as a single whole number.",
+    "A careful reader checks each row twice.",
+)
+# How many context sentences precede the question: none for half the problems, then a long tail, so the
+# set has the skewed length distribution of real problem sets (padding to the longest in a micro-batch
+# wastes about a third of the positions, which packing saves).
+_CONTEXT_WEIGHTS = (5, 1, 1, 1, 1, 1)
 _PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 _BACKGROUND = (255, 255, 255)
 
@@ -176,7 +198,9 @@ def synthetic_rows(
         while _layout_is_val(layout) != want_val:
             layout, question, things, count = _sample_item(rng, max_shapes, questions, colors, shapes)
         columns["images"].append([draw_layout(layout, rng)])
-        columns["problem"].append("<image>" + question)
+        k = rng.choices(range(len(_CONTEXT_WEIGHTS)), weights=_CONTEXT_WEIGHTS)[0]
+        context = "".join(sentence + " " for sentence in rng.sample(CONTEXT, k))
+        columns["problem"].append("<image>" + context + question)
         columns["answer"].append(cot_answer(things, count) if kind == "sft" else str(count))
     return columns
 

@@ -39,12 +39,22 @@ def _read_cells(image) -> dict[tuple[int, int], tuple[str, str]]:
     return cells
 
 
+def _question(problem: str) -> str:
+    """The question of a problem, after checking that what precedes it is known context sentences."""
+    assert problem.startswith("<image>"), problem
+    *context, question = re.split(r"(?<=\.) ", problem.removeprefix("<image>"))
+    assert all(sentence in synthetic.CONTEXT for sentence in context), context
+    assert len(set(context)) == len(context)
+    return question
+
+
 def _true_count(problem: str, cells: dict) -> int:
-    if m := re.fullmatch(r"<image>How many (\w+) shapes are in the image\?", problem):
+    question = _question(problem)
+    if m := re.fullmatch(r"How many (\w+) shapes are in the image\?", question):
         return sum(color == m[1] for _, color in cells.values())
-    if m := re.fullmatch(r"<image>How many (circle|square|triangle)s are in the image\?", problem):
+    if m := re.fullmatch(r"How many (circle|square|triangle)s are in the image\?", question):
         return sum(shape == m[1] for shape, _ in cells.values())
-    assert problem == "<image>How many shapes are in the image?", problem
+    assert question == "How many shapes are in the image?", problem
     return len(cells)
 
 
@@ -82,6 +92,21 @@ def test_sft_answers_agree_with_rl_ground_truth():
         assert f"So there {'is' if b['answer'] == '1' else 'are'} {b['answer']} " in response
 
 
+def test_context_never_names_what_is_counted():
+    # the answer depends on the question alone: no context sentence names a colour or a shape kind
+    words = set(COLORS) | set(synthetic.SHAPES) | {w + "s" for w in synthetic.SHAPES}
+    for sentence in synthetic.CONTEXT:
+        assert not words & set(re.findall(r"[a-z]+", sentence.lower())), sentence
+
+
+def test_problem_lengths_are_skewed_like_real_sets():
+    # half the problems are the bare question, the rest carry 1-5 context sentences: a long tail
+    problems = synthetic_dataset("rl", "train", 400)["problem"]
+    n_context = [len(re.split(r"(?<=\.) ", p)) - 1 for p in problems]
+    assert 0.4 < n_context.count(0) / len(problems) < 0.6
+    assert set(n_context) == set(range(6))
+
+
 def test_chain_of_thought_is_short():
     tokenizer = build_tokenizer()
     for count in range(0, 7):
@@ -102,7 +127,7 @@ def test_deterministic_per_seed():
 
 
 def test_train_and_val_layouts_are_disjoint():
-    # with one colour, one shape and one shape per image there are only 9 + 16 layouts, so independent
+    # with one colour, one shape and one shape per image there are only 9 layouts, so independent
     # random streams would collide; the content split keeps every layout on one side
     kw = dict(max_shapes=1, colors=["red"], shapes=["circle"])
 
@@ -112,7 +137,7 @@ def test_train_and_val_layouts_are_disjoint():
 
     train, val = layouts("train"), layouts("val")
     assert train and val and not train & val
-    assert len(train | val) > 15  # both splits still cover the space, not one corner of it
+    assert len(train | val) == 9  # both splits together still cover the whole space
 
 
 def test_val_images_never_in_train():
@@ -127,7 +152,7 @@ def test_difficulty_parameters():
         cells = _read_cells(row["images"][0])
         assert 1 <= len(cells) <= 2
         assert {color for _, color in cells.values()} <= {"red", "blue"}
-        assert re.fullmatch(r"<image>How many (red|blue) shapes are in the image\?", row["problem"])
+        assert re.fullmatch(r"How many (red|blue) shapes are in the image\?", _question(row["problem"]))
     for bad in [dict(max_shapes=0), dict(max_shapes=37), dict(colors=["purple"]), dict(questions=[])]:
         with pytest.raises(ValueError):
             synthetic_dataset("rl", "train", 1, **bad)
