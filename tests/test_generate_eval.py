@@ -147,7 +147,8 @@ def test_generate_streams_the_models_greedy_answer_to_the_training_prompt(traine
     p = enc.prompt({"images": [str(image_file)], "problem": "How many shapes are in the image?", "answer": "1"})
     with torch.no_grad():
         ids = model.generate(input_ids=p.prompt_ids[None], attention_mask=torch.ones_like(p.prompt_ids[None]),
-                             pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw, do_sample=False,
+                             pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
+                             mm_token_type_ids=(p.prompt_ids == model.config.image_token_id).int()[None], do_sample=False,
                              max_new_tokens=7, eos_token_id=processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
                              suppress_tokens=[model.config.image_token_id, model.config.video_token_id,
                                               model.config.vision_start_token_id, model.config.vision_end_token_id])

@@ -69,6 +69,10 @@ class HFEngine:
         if pixels:
             kwargs["pixel_values"] = torch.cat(pixels).to(self.device, self.model.dtype)
             kwargs["image_grid_thw"] = torch.cat([r.image_grid_thw for r in batch if r.image_grid_thw is not None]).to(self.device)
+            # transformers 5 computes Qwen2.5-VL's 3-D mrope positions only when it is given the token types
+            # (as the stock processor returns them); without them every token gets a 1-D text position and
+            # the engine samples from a different model than the trainer's (rollout/logprob_diff 0.01-0.3)
+            kwargs["mm_token_type_ids"] = (input_ids == self.model.config.image_token_id).int().to(self.device)
         greedy = sampling.temperature == 0
         gen = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
