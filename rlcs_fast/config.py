@@ -116,6 +116,7 @@ class GRPOConfig:
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens; 0: off
     overlong_penalty: float = 1.0
     val_every: int = 0  # 0: at the end of the stage only
+    val_before_train: bool = True  # also validate at step 0 (verl's trainer.val_before_train)
     val_temperature: float = 0.0  # 0: greedy
     val_n: int = 1
     log_every: int = 1

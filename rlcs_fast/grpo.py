@@ -255,7 +255,7 @@ def run_grpo(ctx: StageContext) -> None:
     log.info("grpo: %d steps, %d prompts x %d responses, %d update(s) per step, kl_coef %g%s, from step %d",
              g.steps, g.rollout_batch_size, g.n, updates_per_step, g.kl_coef, "" if with_ref else " (no reference model)",
              start)
-    if start == 0:  # the starting point, for the learning curve
+    if start == 0 and g.val_before_train:  # the starting point, for the learning curve
         ctx.metrics.log("grpo", 0, validate(ctx, val_table, temperature=g.val_temperature, n=g.val_n))
     ctx.metrics.start_bar("grpo", g.steps, start)
     for step in range(start + 1, g.steps + 1):

@@ -37,7 +37,8 @@ EOS, PAD = SPECIAL_IDS["<|im_end|>"], SPECIAL_IDS["<|endoftext|>"]
 SMALL = ["--log.progress", "false", "--run.stages", '["grpo"]', "--data.synthetic_train_size", "16",
          "--data.synthetic_val_size", "2", "--grpo.rollout_batch_size", "2", "--grpo.mini_batch_size", "2",
          "--grpo.n", "2", "--grpo.max_response_length", "6", "--reward.num_workers", "1", "--grpo.steps", "2",
-         "--kernels.impl", "torch"]  # in-process, TRITON_INTERPRET is on: the interpreter would be slow
+         "--kernels.impl", "torch",  # in-process, TRITON_INTERPRET is on: the interpreter would be slow
+         "--grpo.epochs", "1", "--grpo.val_before_train", "true"]  # one update per step; val at step 0
 SYNC = ["wake_up(weights)", "load_weights", "wake_up(kv_cache)", "reset_prefix_cache", "generate", "sleep(2)"]
 
 

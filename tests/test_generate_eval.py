@@ -41,7 +41,8 @@ def trained_run(tmp_path_factory):
            "--run.stages", '["sft"]', "--sft.steps", "2", "--log.progress", "false",
            "--data.synthetic_train_size", "32", "--data.synthetic_val_size", "6", "--sft.global_batch_size", "8",
            "--sft.max_tokens_per_microbatch", "600", "--grpo.max_response_length", "12", "--reward.num_workers", "1",
-           "--reward.function", "crc_reward:score", "--rollout.batch_size", "4"]
+           "--reward.function", "crc_reward:score", "--rollout.batch_size", "4",
+           "--grpo.val_temperature", "0", "--grpo.val_n", "1"]  # greedy, as eval's default
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root

@@ -149,7 +149,8 @@ def test_export_loads_in_transformers_and_generates(tmp_path):
 
 def test_grpo_rows_have_every_design_metric(tmp_path):
     run = tmp_path / "run"
-    run_train(run, "--run.stages", '["grpo"]', "--grpo.steps", "1", "--grpo.kl_coef", "0.01")
+    run_train(run, "--run.stages", '["grpo"]', "--grpo.steps", "1", "--grpo.kl_coef", "0.01",
+              "--grpo.val_before_train", "true")
     need = ["train/loss", "train/grad_norm", "train/lr", "reward/overall", "reward/accuracy", "reward/format",
             "actor/kl", "actor/clip_frac", "actor/entropy", "response/length", "perf/tokens_per_s",
             "time/rollout", "time/ref", "time/train", "time/sync", "mem/peak_gb", "data/skipped"]
