@@ -28,6 +28,7 @@ checked and sized before any GPU time is spent.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -72,18 +73,44 @@ class ModelArch:
         return self.kv_heads * self.head_dim
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.cache
+def hub_unreachable() -> str:
+    """Why the Hugging Face hub cannot be used ("" when it can): ``HF_HUB_OFFLINE`` is set, or one HEAD
+    request to the endpoint fails within a few seconds. Asked once per process, so an unreachable hub
+    costs the dry run one short probe instead of the library's retries with back-off for every file
+    (about 110 s for a model and two sets)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:  # the hub library's own HTTP client: proxies, certificates and test transports apply
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as e:  # any transport failure (DNS, refused, timeout, TLS) means: not reachable
+        return f"{constants.ENDPOINT} did not answer within {HUB_PROBE_TIMEOUT_S:.0f} s ({type(e).__name__})"
+    return ""
+
+
 def load_model_config(path: str, *, key: str = "model.path"):
-    """The model's config (``config.json`` only, never weights): a local directory, a hub id, or
-    ``"tiny"``."""
+    """The model's config (``config.json`` only, never weights): a local directory, a hub id (from the
+    local cache only when the hub is unreachable), or ``"tiny"``."""
     if path == "tiny":
         from .tiny import tiny_config
 
         return tiny_config()
     from transformers import AutoConfig
 
+    offline = "" if os.path.isdir(os.path.expanduser(path)) else hub_unreachable()
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, local_files_only=bool(offline))
     except (OSError, ValueError) as e:
+        if offline:
+            raise ConfigError(f"config key `{key}` = {path!r}: not a local directory, not in the local cache, "
+                              f"and the hub is unreachable ({offline}). Give a local Hugging Face directory, "
+                              "or run where the hub is reachable.") from e
         raise ConfigError(f"config key `{key}` = {path!r}: could not read its config.json ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}). Give a local Hugging Face directory, a "
                           "hub id reachable from this machine, or \"tiny\".") from e
@@ -161,6 +188,9 @@ def check_data(source: str, split: str, *, key: str, kind: str, columns, seed: i
     try:
         is_hub = source != "synthetic" and not os.path.exists(os.path.expanduser(source))
         if is_hub and source.count("/") == 1 and not source.startswith((".", "/")):
+            if offline := hub_unreachable():
+                raise ConfigError(f"config key `{key}` = {source!r}: the hub is unreachable ({offline}). "
+                                  "Use a local parquet/JSONL path, or run where the hub is reachable.")
             try:
                 ds = datasets.load_dataset(source, split=split, streaming=True)
                 first = next(iter(ds.take(1)), None)

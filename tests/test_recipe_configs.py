@@ -212,3 +212,28 @@ def test_dry_run_reads_a_hub_set_through_http_and_names_the_key_it_cannot_reach(
     assert "columns ['images', 'problem', 'answer']" in out
     assert "ERROR config key `data.val` = 'someone/Unreachable-Set'" in out and "unreachable" in out
     assert "36 layers, hidden 2048, heads 16 (kv 2" in out and "embeddings tied" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hub", ["offline", "refused"])
+def test_dry_run_with_an_unreachable_hub_fails_fast_naming_the_keys(tmp_path, hub):
+    """HF_HUB_OFFLINE honoured; a hub that refuses connections costs one short probe, not the hub
+    library's retries with back-off (about 110 s for a model id and two sets before the fix)."""
+    import time
+
+    env = _env() | {"HF_HOME": str(tmp_path / "hf_home")}
+    if hub == "offline":
+        env |= {"HF_HUB_OFFLINE": "1"}
+    else:  # nothing listens on port 9 (discard) of the loopback: every connection is refused
+        env |= {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    cmd = [sys.executable, "-m", "rlcs_fast.train", "--cfg", str(CONFIGS / "grpo_3b.toml"), "--dry-run",
+           "--model.path", "Qwen/Qwen2.5-VL-3B-Instruct", "--data.train", "someone/Some-Set",
+           "--data.val", "someone/Other-Set"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - t0
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr
+    for key in ("model.path", "data.train", "data.val"):
+        assert f"config key `{key}`" in out and "unreachable" in out, (key, out)
+    assert elapsed < 25, f"the dry run took {elapsed:.0f} s to report an unreachable hub"
