@@ -4,9 +4,8 @@ package imports: a module new in 3.11 imported under a 3.10 floor breaks `pip in
 from __future__ import annotations
 
 import ast
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 # standard-library modules added after 3.9, with the release that added them
