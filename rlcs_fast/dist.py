@@ -16,7 +16,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-
 CHECK_ENV = "RLCS_DIST_CHECK"
 
 

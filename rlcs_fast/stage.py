@@ -182,14 +182,17 @@ class StageContext:
         return time.perf_counter() - t0
 
     def reference_policy(self) -> Policy:
-        """The frozen initial policy for the KL term, sharded like the policy."""
+        """The frozen initial policy for the KL term, sharded like the policy, held in the compute dtype
+        (it has no optimizer, so no fp32 master copy) and resharded after every forward (no backward
+        follows): about 4 GiB less per rank than an fp32 copy whose root stays gathered at 3B."""
         offload = self.cfg.model.cpu_offload
         model, _ = load_model(self.init_path, attention=self.cfg.model.attention,
-                              device="cpu" if offload else self.device)
+                              device="cpu" if offload else self.device,
+                              dtype=torch.bfloat16 if self.mixed_precision else torch.float32)
         model.requires_grad_(False)
         ref = Policy(model).eval()
         if self.world > 1 or offload:
-            apply_fsdp(ref, mixed_precision=self.mixed_precision, cpu_offload=offload)
+            apply_fsdp(ref, mixed_precision=self.mixed_precision, cpu_offload=offload, reshard_root=True)
         return ref
 
     # --- checkpoints ------------------------------------------------------------------------------
