@@ -38,8 +38,8 @@ def check_collective(t: torch.Tensor, what: str) -> None:
         return
     backend = group_backend(simulated == "cuda")
     if t.device.type not in backend_devices(backend):
-        raise RuntimeError(f"{what} of a {t.device.type} tensor {tuple(t.shape)}: a {simulated} run's process group "
-                           f"({backend!r}) has no backend for {t.device.type} tensors")
+        raise RuntimeError(f"{what} of a {t.device.type} tensor {tuple(t.shape)}: a {simulated} run's process "
+                           f"group ({backend!r}) has no backend for {t.device.type} tensors")
 
 
 def init(device: str) -> tuple[int, int, torch.device]:

@@ -106,9 +106,9 @@ def load_model_config(path: str, *, key: str = "model.path"):
         return AutoConfig.from_pretrained(path, local_files_only=bool(offline))
     except (OSError, ValueError) as e:
         if offline:
-            raise ConfigError(f"config key `{key}` = {path!r}: not a local directory, not in the local cache, "
-                              f"and the hub is unreachable ({offline}). Give a local Hugging Face directory, "
-                              "or run where the hub is reachable.") from e
+            raise ConfigError(f"config key `{key}` = {path!r}: not a local directory, not in the local "
+                              f"cache, and the hub is unreachable ({offline}). Give a local Hugging Face "
+                              "directory, or run where the hub is reachable.") from e
         raise ConfigError(f"config key `{key}` = {path!r}: could not read its config.json ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}). Give a local Hugging Face directory, a "
                           "hub id reachable from this machine, or \"tiny\".") from e
@@ -261,8 +261,9 @@ def head_chunk(tokens: int, vocab: int) -> int:
     return min(max(tokens, 1), 1 << (target.bit_length() - 1))
 
 
-def micro_step_bytes(arch: ModelArch, *, stage: str, world: int, tokens: int, patches: float, loss_tokens: int,
-                     compute_bytes: int, grad_ckpt: bool, trainable: int) -> dict[str, float]:
+def micro_step_bytes(arch: ModelArch, *, stage: str, world: int, tokens: int, patches: float,
+                     loss_tokens: int, compute_bytes: int, grad_ckpt: bool,
+                     trainable: int) -> dict[str, float]:
     """Bytes by component of one micro-step (forward + backward, no optimizer states), and its peak.
 
     What the code allocates (a test measures it on the CPU at 3B width with a TorchDispatchMode):
@@ -302,7 +303,8 @@ def micro_step_bytes(arch: ModelArch, *, stage: str, world: int, tokens: int, pa
     tied = 2 * grad_bytes * vh if arch.tied else 0.0
     out["tied embedding backward (dense grad + sum)"] = tied
     out["FSDP root gradients + reduce-scatter input"] = (grad_bytes + 4) * root if fsdp else 0.0
-    state = sum(out[k] for k in ("parameters (fp32 master, sharded)", "all-gathered units (current + prefetch)",
+    state = sum(out[k] for k in ("parameters (fp32 master, sharded)",
+                                 "all-gathered units (current + prefetch)",
                                  "FSDP root, gathered (forward to backward)"))
     acts = ckpt if grad_ckpt else full
     # unsharded (world 1): the gradients are the full fp32 ones, complete at the end of backward
@@ -323,8 +325,9 @@ def memory_plan(arch: ModelArch, cfg: Config, stage: str, world: int, gpu_gib: f
     image_tokens = min(cfg.data.max_pixels // MERGED_PATCH_PIXELS, seq_len)
     patches = budget * image_tokens / seq_len * arch.merge_size**2
     cb = 4 if cfg.model.dtype == "float32" else 2
-    step = micro_step_bytes(arch, stage=stage, world=world, tokens=budget, patches=patches, loss_tokens=budget,
-                            compute_bytes=cb, grad_ckpt=cfg.model.gradient_checkpointing, trainable=trainable)
+    step = micro_step_bytes(arch, stage=stage, world=world, tokens=budget, patches=patches,
+                            loss_tokens=budget, compute_bytes=cb, grad_ckpt=cfg.model.gradient_checkpointing,
+                            trainable=trainable)
     peak = step.pop("micro-step peak")
     out = dict(step)
     out["AdamW states (2 x fp32, sharded)"] = 8 * trainable / world
@@ -334,8 +337,8 @@ def memory_plan(arch: ModelArch, cfg: Config, stage: str, world: int, gpu_gib: f
     extra = out["AdamW states (2 x fp32, sharded)"] + out.get("reference model (bf16, sharded)", 0.0)
     # the caching allocator keeps freed blocks for reuse; reserved exceeds allocated by the
     # fragmentation of blocks split for other sizes, ~10% of the peak (not measurable on the CPU)
-    out["allocator fragmentation (10% of the peak)"] = 0.1 * (peak / GIB + extra)
-    out["training peak (state + chosen activations)"] = peak / GIB + extra + out["allocator fragmentation (10% of the peak)"]
+    slack = out["allocator fragmentation (10% of the peak)"] = 0.1 * (peak / GIB + extra)
+    out["training peak (state + chosen activations)"] = peak / GIB + extra + slack
     state = (out["parameters (fp32 master, sharded)"] + out["gradients (fp32, sharded)"] + extra)
     if stage == "grpo" or cfg.rollout.engine == "vllm":
         r = cfg.rollout

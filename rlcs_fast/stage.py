@@ -160,7 +160,8 @@ class StageContext:
         if self._engine is None:
             tok = self.processor.tokenizer
             r = self.cfg.rollout
-            self._engine = _process_engine["engine"] = rollout_engine.make_engine(  # looked up at call time: tests inject engines
+            # make_engine is looked up at call time: tests inject engines
+            self._engine = _process_engine["engine"] = rollout_engine.make_engine(
                 r.engine, self.init_path, device=self.device, batch_size=r.batch_size,
                 eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
                 gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,

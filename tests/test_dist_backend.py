@@ -17,7 +17,8 @@ from rlcs_fast import dist
 
 PACKAGE = Path(__file__).parent.parent / "rlcs_fast"
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-               "broadcast", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single", "send", "recv"}
+               "broadcast", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single", "send",
+               "recv"}
 
 
 def test_a_cuda_run_starts_a_group_with_a_cpu_backend(monkeypatch):

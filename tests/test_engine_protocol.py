@@ -202,7 +202,7 @@ def test_grpo_loop_pushes_current_weights_each_step(tmp_path, monkeypatch):
     assert _run_grpo(tmp_path, monkeypatch, engines) == 0
     (fake,) = engines
 
-    # validation at step 0, steps 1 and 2, validation at the end: each one full sync cycle; shut down at the end
+    # validation at step 0, steps 1 and 2, validation at the end: each one full sync cycle; then shut down
     assert fake.calls == ["sleep(2)"] + SYNC * 4 + ["shutdown"]
     assert len(updated) == 2 and len(initial) == 1
     assert fake.pushes == [initial[0], initial[0], updated[0], updated[1]]

@@ -43,7 +43,8 @@ class LiveTensorBytes(TorchDispatchMode):
 
 def _micro_step(policy, batch, head, index=None) -> int:
     """Peak bytes of one forward + backward: parameters plus the peak of what the step allocates."""
-    known = [*policy.parameters(), *policy.buffers(), *(v for v in vars(batch).values() if isinstance(v, torch.Tensor))]
+    inputs = [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
+    known = [*policy.parameters(), *policy.buffers(), *inputs]
     params = sum(p.numel() * p.element_size() for p in policy.parameters())
     mode = LiveTensorBytes(known)
     with mode:

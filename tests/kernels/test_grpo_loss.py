@@ -172,7 +172,7 @@ def test_seq_mean_token_sum_norm_default_does_not_grow_with_the_batch(impl):
     one, _ = grpo_loss(lp.float(), old.float(), adv.float(), mask, agg="seq_mean_token_sum_norm", impl=impl)
     two, _ = grpo_loss(*(t.float().repeat(2, 1) for t in (lp, old, adv)), mask.repeat(2, 1),
                        agg="seq_mean_token_sum_norm", impl=impl)
-    given, _ = grpo_loss(lp.float(), old.float(), adv.float(), mask, agg="seq_mean_token_sum_norm", norm_len=4 * 9,
-                         impl=impl)
+    given, _ = grpo_loss(lp.float(), old.float(), adv.float(), mask, agg="seq_mean_token_sum_norm",
+                         norm_len=4 * 9, impl=impl)
     torch.testing.assert_close(two, one)
     torch.testing.assert_close(given, one)
