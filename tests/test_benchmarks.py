@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 from bench_fixtures import MATHVERSE_ROWS, MATHVISION_ROWS, MATHVISTA_ROWS, write_fixtures
 
-from rlcs_fast.benchmarks import BENCHMARKS, payload, score
-from rlcs_fast.benchmarks import mathverse, mathvision, mathvista, wemath
+from rlcs_fast.benchmarks import BENCHMARKS, mathverse, mathvision, mathvista, payload, score, wemath
 from rlcs_fast.benchmarks.common import edit_distance, option_letter
 
 
