@@ -21,8 +21,23 @@ def fixtures(tmp_path_factory):
 
 
 def _argv(fixtures, out, limit):
-    argv = ["--suite", "paper", "--model", "tiny", "--out", str(out), "--max-new-tokens", "3", "--limit", str(limit),
-            "--no-progress", "--reward-workers", "1", "--chunk", "2"]
+    argv = [
+        "--suite",
+        "paper",
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "3",
+        "--limit",
+        str(limit),
+        "--no-progress",
+        "--reward-workers",
+        "1",
+        "--chunk",
+        "2",
+    ]
     for name, folder in fixtures.items():
         argv += ["--data", f"{name}={folder}"]
     return argv
@@ -68,8 +83,12 @@ def test_suite_writes_the_table_and_resumes(fixtures, tmp_path, monkeypatch):
     for b in BENCHES:
         m = summary["tiny"][b]
         assert 0.0 <= m["accuracy"] <= 1.0 and m["answered"] == m["rows"] == sizes[b]
-    assert set(summary["tiny"]["mathverse"]["problem_version"]) == {"Text Dominant", "Vision Only", "Text Lite",
-                                                                  "Vision Intensive"}
+    assert set(summary["tiny"]["mathverse"]["problem_version"]) == {
+        "Text Dominant",
+        "Vision Only",
+        "Text Lite",
+        "Vision Intensive",
+    }
     assert summary["tiny"]["wemath"]["problems"] == 2 and "score_strict" in summary["tiny"]["wemath"]
     assert "task" in summary["tiny"]["mathvista"] and "level" in summary["tiny"]["mathvision"]
     md = (out / "summary.md").read_text()
@@ -81,12 +100,31 @@ def test_suite_writes_the_table_and_resumes(fixtures, tmp_path, monkeypatch):
 
 def test_score_only_scores_given_answers(fixtures, tmp_path):
     answers = tmp_path / "gpt.jsonl"
-    lines = [{"index": 0, "response": "\\boxed{1.2}"}, {"pid": "2", "response": "<think>x</think>\\boxed{(C) 145°}"},
-             {"id": "3", "response": "\\boxed{3}"}, {"index": 3, "response": "\\boxed{[2014, 2016]}"}]
+    lines = [
+        {"index": 0, "response": "\\boxed{1.2}"},
+        {"pid": "2", "response": "<think>x</think>\\boxed{(C) 145°}"},
+        {"id": "3", "response": "\\boxed{3}"},
+        {"index": 3, "response": "\\boxed{[2014, 2016]}"},
+    ]
     answers.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp_path / "out"
-    assert rl_eval.main(["--bench", "mathvista", "--data", str(fixtures["mathvista"]), "--score-only", str(answers),
-                         "--out", str(out), "--reward-workers", "1"]) == 0
+    assert (
+        rl_eval.main(
+            [
+                "--bench",
+                "mathvista",
+                "--data",
+                str(fixtures["mathvista"]),
+                "--score-only",
+                str(answers),
+                "--out",
+                str(out),
+                "--reward-workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "summary.json").read_text())["gpt"]["mathvista"]
     assert m["accuracy"] == pytest.approx(0.75) and m["correct"] == 3 and m["total"] == 4
     assert m["answer_type"] == {"float": 1.0, "integer": 0.0, "list": 1.0, "text": 1.0}

@@ -39,4 +39,8 @@ def score(response: str, answer: str) -> dict[str, float]:
     """Reward-function signature: ``answer`` is a :func:`payload`; accuracy by the benchmark's rules."""
     p = json.loads(answer)
     accuracy = float(BENCHMARKS[p["bench"]].judge(response, p["target"]))
-    return {"overall": accuracy, "accuracy": accuracy, "format": format_reward(normalize_response(str(response)))}
+    return {
+        "overall": accuracy,
+        "accuracy": accuracy,
+        "format": format_reward(normalize_response(str(response))),
+    }

@@ -26,8 +26,9 @@ def per_bench(values: list[str], benches: list[str], flag: str) -> dict[str, str
         elif len(benches) == 1:
             out[benches[0]] = v
         else:
-            raise ConfigError(f"{flag} {v!r}: with several benchmarks, give NAME=VALUE with NAME in "
-                              f"{sorted(BENCHMARKS)}.")
+            raise ConfigError(
+                f"{flag} {v!r}: with several benchmarks, give NAME=VALUE with NAME in {sorted(BENCHMARKS)}."
+            )
     unknown = sorted(set(out) - set(benches))
     if unknown:
         raise ConfigError(f"{flag} names {unknown}, which this run does not evaluate ({benches}).")
@@ -40,8 +41,10 @@ def resolve_model(model: str) -> str:
 
         return str(tiny_path())
     if not Path(model).is_dir():
-        raise ConfigError(f"--model {model!r} is not a directory (give an exported HF directory, e.g. "
-                          "<run.dir>/grpo/hf, or 'tiny').")
+        raise ConfigError(
+            f"--model {model!r} is not a directory (give an exported HF directory, e.g. "
+            "<run.dir>/grpo/hf, or 'tiny')."
+        )
     return model
 
 
@@ -65,8 +68,11 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--score-only {args.score_only!r} is not a file.")
             name = model_name(answers.with_suffix(""), set())
             bench, source, split = plan[0]
-            summaries[name] = {bench.NAME: score_answers(bench, source, split, answers, out, name,
-                                                         workers=args.reward_workers or 2)}
+            summaries[name] = {
+                bench.NAME: score_answers(
+                    bench, source, split, answers, out, name, workers=args.reward_workers or 2
+                )
+            }
         else:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             taken: set[str] = set()
@@ -74,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
                 model_dir = resolve_model(model)
                 name = model_name(model_dir, taken) if model != "tiny" else model_name("tiny", taken)
                 summaries[name] = run_model(model_dir, name, plan, args, device, out)
-                log.info("eval %s: %s", name, "  ".join(f"{b} {m['accuracy']:.4f}" for b, m in summaries[name].items()))
+                log.info(
+                    "eval %s: %s",
+                    name,
+                    "  ".join(f"{b} {m['accuracy']:.4f}" for b, m in summaries[name].items()),
+                )
     except ConfigError as e:
         print(f"rlcs_fast.eval: {e}", file=sys.stderr)
         return 2

@@ -95,6 +95,7 @@ def equivalent(given: str, truth: str) -> bool:
 
 # --- data ----------------------------------------------------------------------------------------------
 
+
 def load_split(source: str, split: str, config_name: str | None, *, key: str):
     """A split as a ``datasets.Dataset``: a hub id (with its config), or a local parquet/JSONL file or folder
     in the hub's schema (as :func:`rlcs_fast.data.load_table` reads it)."""
@@ -105,7 +106,7 @@ def load_split(source: str, split: str, config_name: str | None, *, key: str):
 
     path = Path(source).expanduser()
     if path.is_dir():
-        # the hub's layout (data/test-00000-of-00001.parquet beside data/testmini-…): this split's files only
+        # the hub's layout (data/test-00000-of-00001.parquet beside data/testmini-…): this split's files
         ours = [f for f in sorted(path.rglob("*")) if f.stem == split or f.stem.startswith(f"{split}-")]
         for fmt, suffixes in (("parquet", (".parquet",)), ("json", (".jsonl", ".json"))):
             files = [str(f) for f in ours if f.suffix in suffixes]
@@ -116,8 +117,10 @@ def load_split(source: str, split: str, config_name: str | None, *, key: str):
     try:
         return datasets.load_dataset(source, config_name, split=split)
     except Exception as e:  # the hub or the split is out of reach: say which flag to change
-        raise ConfigError(f"{key} {source!r}: could not load config {config_name!r} split {split!r} from the hub "
-                          f"({type(e).__name__}: {e}). Give a local copy in the same schema.") from e
+        raise ConfigError(
+            f"{key} {source!r}: could not load config {config_name!r} split {split!r} from the hub "
+            f"({type(e).__name__}: {e}). Give a local copy in the same schema."
+        ) from e
 
 
 def row_image(row: dict[str, Any], columns: tuple[str, ...], root: Path | None) -> Any:

@@ -54,9 +54,14 @@ def choices_in(question_text: str) -> dict[str, str]:
 
 def target(row: dict[str, Any]) -> dict[str, Any]:
     meta = row.get("metadata") or {}
-    return {"answer": str(row["answer"]).strip(), "question_type": row.get("question_type"),
-            "choices": choices_in(row.get("question") or ""), "problem_version": row.get("problem_version"),
-            "subject": meta.get("subject"), "subfield": meta.get("subfield")}
+    return {
+        "answer": str(row["answer"]).strip(),
+        "question_type": row.get("question_type"),
+        "choices": choices_in(row.get("question") or ""),
+        "problem_version": row.get("problem_version"),
+        "subject": meta.get("subject"),
+        "subfield": meta.get("subfield"),
+    }
 
 
 def _is_choice(t: dict[str, Any]) -> bool:
@@ -90,8 +95,11 @@ def judge(response: str, t: dict[str, Any]) -> bool:
 
 
 def metrics(targets: list[dict[str, Any]], correct: list[float]) -> dict[str, Any]:
-    out: dict[str, Any] = {"accuracy": sum(correct) / max(len(correct), 1), "correct": int(sum(correct)),
-                           "total": len(correct)}
+    out: dict[str, Any] = {
+        "accuracy": sum(correct) / max(len(correct), 1),
+        "correct": int(sum(correct)),
+        "total": len(correct),
+    }
     for key in ("problem_version", "subject"):
         groups: dict[str, list[float]] = defaultdict(list)
         for t, c in zip(targets, correct):

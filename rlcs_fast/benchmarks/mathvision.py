@@ -40,8 +40,12 @@ def question(row: dict[str, Any]) -> str:
 
 
 def target(row: dict[str, Any]) -> dict[str, Any]:
-    return {"answer": str(row["answer"]).strip(), "options": list(row.get("options") or []),
-            "subject": row.get("subject"), "level": row.get("level")}
+    return {
+        "answer": str(row["answer"]).strip(),
+        "options": list(row.get("options") or []),
+        "subject": row.get("subject"),
+        "level": row.get("level"),
+    }
 
 
 def is_equal(given: str, truth: str) -> bool:
@@ -81,8 +85,11 @@ def judge(response: str, t: dict[str, Any]) -> bool:
 
 
 def metrics(targets: list[dict[str, Any]], correct: list[float]) -> dict[str, Any]:
-    out: dict[str, Any] = {"accuracy": sum(correct) / max(len(correct), 1), "correct": int(sum(correct)),
-                           "total": len(correct)}
+    out: dict[str, Any] = {
+        "accuracy": sum(correct) / max(len(correct), 1),
+        "correct": int(sum(correct)),
+        "total": len(correct),
+    }
     for key in ("subject", "level"):
         groups: dict[str, list[float]] = defaultdict(list)
         for t, c in zip(targets, correct):

@@ -29,8 +29,17 @@ CONFIG = "default"
 SPLIT = "testmini"
 IMAGE_COLUMNS = ("decoded_image", "image")
 ID_COLUMN = "pid"
-BREAKDOWNS = ("question_type", "answer_type", "task", "skills", "category", "context", "grade", "source",
-              "language")
+BREAKDOWNS = (
+    "question_type",
+    "answer_type",
+    "task",
+    "skills",
+    "category",
+    "context",
+    "grade",
+    "source",
+    "language",
+)
 
 
 def question(row: dict[str, Any]) -> str:
@@ -39,10 +48,15 @@ def question(row: dict[str, Any]) -> str:
 
 def target(row: dict[str, Any]) -> dict[str, Any]:
     meta = row.get("metadata") or {}
-    return {"answer": str(row["answer"]), "choices": list(row.get("choices") or []),
-            "question_type": row.get("question_type"), "answer_type": row.get("answer_type"),
-            "precision": row.get("precision"), "unit": row.get("unit"),
-            **{k: meta.get(k) for k in BREAKDOWNS if k in meta}}
+    return {
+        "answer": str(row["answer"]),
+        "choices": list(row.get("choices") or []),
+        "question_type": row.get("question_type"),
+        "answer_type": row.get("answer_type"),
+        "precision": row.get("precision"),
+        "unit": row.get("unit"),
+        **{k: meta.get(k) for k in BREAKDOWNS if k in meta},
+    }
 
 
 def _list_text(text: str) -> str:
@@ -85,21 +99,25 @@ def judge(response: str, t: dict[str, Any]) -> bool:
         if t["answer_type"] == "list":
             return pred == _list_text(t["answer"])
         return pred == t["answer"]
-    return t["question_type"] != "multi_choice" and equivalent(strip_unit(extraction, t.get("unit")), t["answer"])
+    return t["question_type"] != "multi_choice" and equivalent(
+        strip_unit(extraction, t.get("unit")), t["answer"]
+    )
 
 
 def metrics(targets: list[dict[str, Any]], correct: list[float]) -> dict[str, Any]:
     """Accuracy overall and per metadata value, as the official score file lists them."""
-    out: dict[str, Any] = {"accuracy": sum(correct) / max(len(correct), 1), "correct": int(sum(correct)),
-                           "total": len(correct)}
+    out: dict[str, Any] = {
+        "accuracy": sum(correct) / max(len(correct), 1),
+        "correct": int(sum(correct)),
+        "total": len(correct),
+    }
     for key in BREAKDOWNS:
         groups: dict[str, list[float]] = defaultdict(list)
         for t, c in zip(targets, correct):
             values = t.get(key)
-            for v in (values if isinstance(values, list) else [values]):
+            for v in values if isinstance(values, list) else [values]:
                 if v is not None:
                     groups[str(v)].append(c)
         if groups:
             out[key] = {v: sum(cs) / len(cs) for v, cs in sorted(groups.items())}
     return out
-

@@ -16,10 +16,26 @@ from . import BENCHMARKS
 log = logging.getLogger("rlcs_fast")
 
 # The breakdowns worth a line under the table, per benchmark (all of them are in summary.json).
-DETAILS = {"mathvista": ("task", "skills"), "mathverse": ("problem_version",), "mathvision": ("level",),
-           "wemath": ()}
-WEMATH_COLUMNS = ("accuracy", "score_strict", "score_loose", "IK_rate", "IG_rate", "CM_strict_rate",
-                  "CM_loose_rate", "RM_strict_rate", "RM_loose_rate", "S1", "S2", "S3")
+DETAILS = {
+    "mathvista": ("task", "skills"),
+    "mathverse": ("problem_version",),
+    "mathvision": ("level",),
+    "wemath": (),
+}
+WEMATH_COLUMNS = (
+    "accuracy",
+    "score_strict",
+    "score_loose",
+    "IK_rate",
+    "IG_rate",
+    "CM_strict_rate",
+    "CM_loose_rate",
+    "RM_strict_rate",
+    "RM_loose_rate",
+    "S1",
+    "S2",
+    "S3",
+)
 
 
 def average(per_bench: dict[str, dict[str, Any]]) -> float:
@@ -45,10 +61,14 @@ def detail_tables(summaries: dict[str, dict[str, dict[str, Any]]], benches: list
             rows = [(k, [summaries[m].get(b, {}).get(k) for m in models]) for k in WEMATH_COLUMNS]
         for key in DETAILS[b]:
             values = sorted({v for m in models for v in summaries[m].get(b, {}).get(key, {})})
-            rows += [(f"{key}: {v}", [summaries[m].get(b, {}).get(key, {}).get(v) for m in models]) for v in values]
+            rows += [
+                (f"{key}: {v}", [summaries[m].get(b, {}).get(key, {}).get(v) for m in models]) for v in values
+            ]
         if rows:
-            body = "\n".join(f"| {k} | " + " | ".join("–" if x is None else f"{100 * x:.1f}" for x in xs) + " |"
-                             for k, xs in rows)
+            body = "\n".join(
+                f"| {k} | " + " | ".join("–" if x is None else f"{100 * x:.1f}" for x in xs) + " |"
+                for k, xs in rows
+            )
             parts.append(f"### {BENCHMARKS[b].TITLE}\n\n{head}\n{body}")
     return "\n\n".join(parts)
 
@@ -95,8 +115,9 @@ def metric_rows(summaries: dict[str, dict[str, dict[str, Any]]]) -> list[dict[st
     return rows
 
 
-def write_report(summaries: dict[str, dict[str, dict[str, Any]]], benches: list[str], out: Path,
-                 header: str) -> str:
+def write_report(
+    summaries: dict[str, dict[str, dict[str, Any]]], benches: list[str], out: Path, header: str
+) -> str:
     table = paper_table(summaries, benches)
     details = detail_tables(summaries, benches)
     (out / "summary.md").write_text(f"# {header}\n\naccuracy in %\n\n{table}\n\n{details}\n")

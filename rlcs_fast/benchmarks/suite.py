@@ -28,6 +28,7 @@ log = logging.getLogger("rlcs_fast")
 
 # --- data ----------------------------------------------------------------------------------------------
 
+
 def load_bench(bench: ModuleType, source: str | None, split: str | None, limit: int = 0):
     """The benchmark's table (hub id by default) and the folder its relative image paths start from."""
     import datasets
@@ -38,8 +39,10 @@ def load_bench(bench: ModuleType, source: str | None, split: str | None, limit: 
     table = load_split(source, split or bench.SPLIT, bench.CONFIG, key=f"--data ({bench.NAME})")
     missing = [c for c in ("answer",) if c not in table.column_names]
     if missing or not any(c in table.column_names for c in bench.IMAGE_COLUMNS):
-        raise ConfigError(f"--data {source!r} is not in {bench.TITLE}'s schema: it has {table.column_names}, "
-                          f"needs 'answer' and one of {list(bench.IMAGE_COLUMNS)}.")
+        raise ConfigError(
+            f"--data {source!r} is not in {bench.TITLE}'s schema: it has {table.column_names}, "
+            f"needs 'answer' and one of {list(bench.IMAGE_COLUMNS)}."
+        )
     if limit:
         table = table.select(range(min(limit, len(table))))
     for col in bench.IMAGE_COLUMNS:  # decode images one row at a time: a bad image skips one row
@@ -59,6 +62,7 @@ def row_ids(bench: ModuleType, table) -> dict[str, int]:
 
 
 # --- answers on disk -----------------------------------------------------------------------------------
+
 
 def read_records(path: Path) -> dict[int, dict[str, Any]]:
     """Finished rows of an answers file, by index; a torn last line (a killed write) is dropped."""
@@ -96,8 +100,15 @@ def summarize(bench: ModuleType, targets: list[dict], records: dict[int, dict]) 
 
 # --- generation ----------------------------------------------------------------------------------------
 
-def run_model(model_dir: str, name: str, benches: list[tuple[ModuleType, str | None, str | None]],
-              args: argparse.Namespace, device: torch.device, out: Path) -> dict[str, dict]:
+
+def run_model(
+    model_dir: str,
+    name: str,
+    benches: list[tuple[ModuleType, str | None, str | None]],
+    args: argparse.Namespace,
+    device: torch.device,
+    out: Path,
+) -> dict[str, dict]:
     """Generate and score the missing rows of each benchmark for one model; its summary per benchmark."""
     from ..data import Columns, Encoder, SkipSample
     from ..eval import banned_token_ids, load_for_eval, resolve_settings, run_settings, val_sampling
@@ -106,14 +117,32 @@ def run_model(model_dir: str, name: str, benches: list[tuple[ModuleType, str | N
     cfg, cfg_path = run_settings(model_dir)
     s = resolve_settings(cfg, args)
     temperature = cfg.grpo.val_temperature if args.temperature is None else args.temperature
-    log.info("eval %s: settings from %s, temperature %s, max %d new tokens", name,
-             cfg_path or "defaults and flags", temperature, s.max_new_tokens)
+    log.info(
+        "eval %s: settings from %s, temperature %s, max %d new tokens",
+        name,
+        cfg_path or "defaults and flags",
+        temperature,
+        s.max_new_tokens,
+    )
     processor, mcfg, engine = load_for_eval(model_dir, s, args.engine, device)
-    encoder = Encoder(processor, mcfg, Columns("images", "problem", "answer"), template=s.template,
-                      system_prompt=s.system_prompt, min_pixels=s.min_pixels, max_pixels=s.max_pixels,
-                      max_length=s.max_prompt_length)
-    sampling = val_sampling(n=1, temperature=temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                            seed=s.seed, banned_token_ids=banned_token_ids(mcfg))
+    encoder = Encoder(
+        processor,
+        mcfg,
+        Columns("images", "problem", "answer"),
+        template=s.template,
+        system_prompt=s.system_prompt,
+        min_pixels=s.min_pixels,
+        max_pixels=s.max_pixels,
+        max_length=s.max_prompt_length,
+    )
+    sampling = val_sampling(
+        n=1,
+        temperature=temperature,
+        top_p=s.top_p,
+        max_tokens=s.max_new_tokens,
+        seed=s.seed,
+        banned_token_ids=banned_token_ids(mcfg),
+    )
     tok = processor.tokenizer
     summaries = {}
     with RewardScorer(fn=SCORER, timeout_s=s.reward_timeout_s, num_workers=s.reward_workers) as scorer:
@@ -125,8 +154,13 @@ def run_model(model_dir: str, name: str, benches: list[tuple[ModuleType, str | N
             records = read_records(path)
             todo = [i for i in range(len(table)) if i not in records]
             if records:
-                log.info("eval %s/%s: resuming, %d of %d rows done", name, bench.NAME, len(table) - len(todo),
-                         len(table))
+                log.info(
+                    "eval %s/%s: resuming, %d of %d rows done",
+                    name,
+                    bench.NAME,
+                    len(table) - len(todo),
+                    len(table),
+                )
             _repair_tail(path)
             bar = _bar(f"{name} {bench.NAME}", len(table), len(table) - len(todo), args.progress)
             chunk = max(1, args.chunk or s.batch_size)
@@ -134,10 +168,13 @@ def run_model(model_dir: str, name: str, benches: list[tuple[ModuleType, str | N
                 for start in range(0, len(todo), chunk):
                     new = []
                     prompts = []
-                    for i in todo[start:start + chunk]:
+                    for i in todo[start : start + chunk]:
                         row = table[i]
-                        sample = {"images": [row_image(row, bench.IMAGE_COLUMNS, root)], "problem": bench.question(row),
-                                  "answer": payload(bench.NAME, targets[i])}
+                        sample = {
+                            "images": [row_image(row, bench.IMAGE_COLUMNS, root)],
+                            "problem": bench.question(row),
+                            "answer": payload(bench.NAME, targets[i]),
+                        }
                         try:
                             prompts.append(encoder.prompt(sample, i))
                         except SkipSample as e:  # counted as a wrong answer, as a missing one would be
@@ -166,9 +203,18 @@ def _generate_and_score(engine, tok, prompts, sampling, scorer, bench: ModuleTyp
     out = []
     for p, c, response, score in zip(prompts, completions, responses, scores):
         t = targets[p.index]
-        out.append({"index": p.index, "response": response, "prediction": _prediction(bench, response, t),
-                    "answer": t["answer"], "accuracy": score["accuracy"], "format": score["format"],
-                    "response_tokens": len(c.response_ids), "finish_reason": c.finish_reason})
+        out.append(
+            {
+                "index": p.index,
+                "response": response,
+                "prediction": _prediction(bench, response, t),
+                "answer": t["answer"],
+                "accuracy": score["accuracy"],
+                "format": score["format"],
+                "response_tokens": len(c.response_ids),
+                "finish_reason": c.finish_reason,
+            }
+        )
     return out
 
 
@@ -190,8 +236,18 @@ def _bar(desc: str, total: int, initial: int, enabled: bool):
 
 # --- answers produced elsewhere ------------------------------------------------------------------------
 
-def score_answers(bench: ModuleType, source: str | None, split: str | None, answers: Path, out: Path,
-                  name: str, *, workers: int = 2, timeout_s: float = 10.0) -> dict[str, Any]:
+
+def score_answers(
+    bench: ModuleType,
+    source: str | None,
+    split: str | None,
+    answers: Path,
+    out: Path,
+    name: str,
+    *,
+    workers: int = 2,
+    timeout_s: float = 10.0,
+) -> dict[str, Any]:
     """Score ``{"index"|"id"|"pid", "response"}`` lines against the split, as the official scripts do."""
     from ..rewards import RewardScorer
 
@@ -208,16 +264,28 @@ def score_answers(bench: ModuleType, source: str | None, split: str | None, answ
             raise ConfigError(f"--score-only {str(answers)!r} line {n} is not JSON ({e}).") from e
         rows[_answer_row(obj, ids, len(table), answers, n)] = str(obj.get("response") or "")
     if len(rows) < len(table):
-        log.warning("score-only %s: %d of %d rows have no answer; scored over the %d answered, as the "
-                    "official scripts do", bench.NAME, len(table) - len(rows), len(table), len(rows))
+        log.warning(
+            "score-only %s: %d of %d rows have no answer; scored over the %d answered, as the "
+            "official scripts do",
+            bench.NAME,
+            len(table) - len(rows),
+            len(table),
+            len(rows),
+        )
     order = sorted(rows)
     with RewardScorer(fn=SCORER, timeout_s=timeout_s, num_workers=workers) as scorer:
         scores = scorer.score([rows[i] for i in order], [payload(bench.NAME, targets[i]) for i in order])
     records = {}
     for i, score in zip(order, scores):
-        records[i] = {"index": i, "id": str(table[i].get(bench.ID_COLUMN, i)), "response": rows[i],
-                      "prediction": _prediction(bench, rows[i], targets[i]), "answer": targets[i]["answer"],
-                      "accuracy": score["accuracy"], "format": score["format"]}
+        records[i] = {
+            "index": i,
+            "id": str(table[i].get(bench.ID_COLUMN, i)),
+            "response": rows[i],
+            "prediction": _prediction(bench, rows[i], targets[i]),
+            "answer": targets[i]["answer"],
+            "accuracy": score["accuracy"],
+            "format": score["format"],
+        }
     path = out / name / f"{bench.NAME}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in order))
@@ -226,12 +294,16 @@ def score_answers(bench: ModuleType, source: str | None, split: str | None, answ
 
 def _answer_row(obj: Any, ids: dict[str, int], n_rows: int, answers: Path, line: int) -> int:
     if not isinstance(obj, dict) or "response" not in obj:
-        raise ConfigError(f"--score-only {str(answers)!r} line {line}: expected {{\"index\": row, \"response\": "
-                          "text}} (or \"id\"/\"pid\" instead of \"index\").")
+        raise ConfigError(
+            f'--score-only {str(answers)!r} line {line}: expected {{"index": row, "response": '
+            'text}} (or "id"/"pid" instead of "index").'
+        )
     if isinstance(obj.get("index"), int) and 0 <= obj["index"] < n_rows:
         return obj["index"]
     for key in ("id", "pid"):
         if key in obj and str(obj[key]) in ids:
             return ids[str(obj[key])]
-    raise ConfigError(f"--score-only {str(answers)!r} line {line}: no row of the split matches "
-                      f"{ {k: obj[k] for k in ('index', 'id', 'pid') if k in obj} } ({n_rows} rows).")
+    raise ConfigError(
+        f"--score-only {str(answers)!r} line {line}: no row of the split matches "
+        f"{ {k: obj[k] for k in ('index', 'id', 'pid') if k in obj} } ({n_rows} rows)."
+    )

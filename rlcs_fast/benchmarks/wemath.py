@@ -84,10 +84,18 @@ def four_dimensional(groups: list[tuple[list[bool], bool, int]]) -> dict[str, An
         return k / d if d else 0.0
 
     return {
-        "problems": n, "IK": ik, "IG": ig, "CM_strict": cm_strict, "CM_loose": cm_loose,
-        "RM_strict": rm_strict, "RM_loose": rm_loose,
-        "IK_rate": rate(ik, n), "IG_rate": rate(ig, n), "CM_strict_rate": rate(cm_strict, n),
-        "CM_loose_rate": rate(cm_loose, n), "RM_strict_rate": rate(rm_strict, cm_strict + rm_strict),
+        "problems": n,
+        "IK": ik,
+        "IG": ig,
+        "CM_strict": cm_strict,
+        "CM_loose": cm_loose,
+        "RM_strict": rm_strict,
+        "RM_loose": rm_loose,
+        "IK_rate": rate(ik, n),
+        "IG_rate": rate(ig, n),
+        "CM_strict_rate": rate(cm_strict, n),
+        "CM_loose_rate": rate(cm_loose, n),
+        "RM_strict_rate": rate(rm_strict, cm_strict + rm_strict),
         "RM_loose_rate": rate(rm_loose, cm_loose + rm_loose),
         "score_strict": rate(n - 0.5 * ig - rm_strict - ik, n),
         "score_loose": rate(n - 0.5 * ig - rm_loose - ik, n),
@@ -98,7 +106,12 @@ def metrics(targets: list[dict[str, Any]], correct: list[float]) -> dict[str, An
     groups = _groups(targets, correct)
     subs = [s for g in groups for s in g[0]]
     two, three = [m for _, m, k in groups if k == 2], [m for _, m, k in groups if k == 3]
-    return {"accuracy": sum(correct) / max(len(correct), 1), "correct": int(sum(correct)), "total": len(correct),
-            **four_dimensional(groups),
-            "S1": sum(subs) / max(len(subs), 1), "S2": sum(two) / max(len(two), 1),
-            "S3": sum(three) / max(len(three), 1)}
+    return {
+        "accuracy": sum(correct) / max(len(correct), 1),
+        "correct": int(sum(correct)),
+        "total": len(correct),
+        **four_dimensional(groups),
+        "S1": sum(subs) / max(len(subs), 1),
+        "S2": sum(two) / max(len(two), 1),
+        "S3": sum(three) / max(len(three), 1),
+    }
