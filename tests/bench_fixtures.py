@@ -124,7 +124,8 @@ MATHVISTA_ROWS = [
         "answer_type": "list",
         "metadata": _meta("figure question answering", ["statistical reasoning"]),
         "query": "Hint: Please answer the question requiring a Python list as an answer and provide the "
-        "final list, e.g., [1, 2, 3], [1.2, 1.3, 1.4], at the end.\nQuestion: Which years have the same value?",
+        "final list, e.g., [1, 2, 3], [1.2, 1.3, 1.4], at the end.\n"
+        "Question: Which years have the same value?",
     },
 ]
 
