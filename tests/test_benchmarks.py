@@ -31,6 +31,7 @@ def boxed(x: str) -> str:
         (1, "145", True),
         (1, "B", False),
         (1, "(B)", False),
+    (1, "the answer is (c)", True),
         (1, "140°", False),
         # integer: str(int(float(x))), thousands separators and units dropped
         (2, "2", True),

@@ -36,16 +36,32 @@ def per_bench(values: list[str], benches: list[str], flag: str) -> dict[str, str
 
 
 def resolve_model(model: str) -> str:
+    """A model directory, ``tiny``, or a hub id (``Qwen/Qwen2.5-VL-7B-Instruct``, the base model)."""
     if model == "tiny":
         from ..tiny import tiny_path
 
         return str(tiny_path())
-    if not Path(model).is_dir():
-        raise ConfigError(
-            f"--model {model!r} is not a directory (give an exported HF directory, e.g. "
-            "<run.dir>/grpo/hf, or 'tiny')."
-        )
-    return model
+    if Path(model).is_dir() or (
+        model.count("/") == 1 and not Path(model).exists() and not model.startswith((".", "/"))
+    ):
+        return model
+    raise ConfigError(
+        f"--model {model!r} is not a directory (give an exported HF directory, e.g. "
+        "<run.dir>/grpo/hf, a hub id, or 'tiny')."
+    )
+
+
+def shared_run_config(models: list[str]) -> Path | None:
+    """The first run config among the models: a model without one (the base model) is prompted and
+    sampled like the trained ones it is compared with."""
+    from ..eval import find_run_config
+
+    for m in models:
+        if Path(m).is_dir():
+            path = find_run_config(m)
+            if path is not None:
+                return path
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,10 +92,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             taken: set[str] = set()
-            for model in args.model:
-                model_dir = resolve_model(model)
+            dirs = [resolve_model(m) for m in args.model]
+            fallback = shared_run_config(dirs)
+            for model, model_dir in zip(args.model, dirs):
                 name = model_name(model_dir, taken) if model != "tiny" else model_name("tiny", taken)
-                summaries[name] = run_model(model_dir, name, plan, args, device, out)
+                summaries[name] = run_model(model_dir, name, plan, args, device, out, fallback)
                 log.info(
                     "eval %s: %s",
                     name,

@@ -17,6 +17,7 @@ the reward's checker, which is what GPT's extraction into a number stood for.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -69,9 +70,13 @@ def normalize(extraction: str, t: dict[str, Any]) -> str | None:
     if t["question_type"] == "multi_choice":
         choices = t["choices"]
         text = clean_latex(extraction)
-        letter = option_letter(text, len(choices))
-        if letter is not None:
+        # the official reads the first "(x)" anywhere as the letter, upper-cased, valid or not; we also
+        # read "B", "B." and "B: text"
+        in_parens = re.findall(r"\(([a-zA-Z])\)", text)
+        letter = in_parens[0].upper() if in_parens else option_letter(text, len(choices))
+        if letter is not None and ord("A") <= ord(letter) < ord("A") + len(choices):
             return choices[ord(letter) - ord("A")]
+        text = letter or text
         return min(choices, key=lambda c: edit_distance(text, c))  # first of the nearest, as the official
     text = strip_unit(clean_latex(extraction), t.get("unit"))
     if t["answer_type"] == "integer":

@@ -108,13 +108,19 @@ def run_model(
     args: argparse.Namespace,
     device: torch.device,
     out: Path,
+    fallback_config: Path | None = None,
 ) -> dict[str, dict]:
-    """Generate and score the missing rows of each benchmark for one model; its summary per benchmark."""
+    """Generate and score the missing rows of each benchmark for one model; its summary per benchmark.
+    A model without a run config of its own (the base model) takes ``fallback_config``'s settings."""
+    from ..config import Config, load_config
     from ..data import Columns, Encoder, SkipSample
     from ..eval import banned_token_ids, load_for_eval, resolve_settings, run_settings, val_sampling
     from ..rewards import RewardScorer
 
-    cfg, cfg_path = run_settings(model_dir)
+    cfg, cfg_path = run_settings(model_dir) if Path(model_dir).is_dir() else (None, None)
+    if cfg_path is None and fallback_config is not None:
+        cfg, cfg_path = load_config(fallback_config), fallback_config
+    cfg = cfg if cfg is not None else Config()
     s = resolve_settings(cfg, args)
     temperature = cfg.grpo.val_temperature if args.temperature is None else args.temperature
     log.info(
