@@ -138,3 +138,24 @@ def test_suite_flags_are_checked():
     with pytest.raises(SystemExit):
         rl_eval.parse_args(["--suite", "paper", "--score-only", "a.jsonl"])
     assert rl_eval.main(["--bench", "nope", "--model", "tiny"]) == 2
+
+
+def test_benchmark_flags_and_the_base_models_settings(tmp_path):
+    from rlcs_fast.benchmarks.cli import per_bench, resolve_model, shared_run_config
+    from rlcs_fast.config import ConfigError
+
+    given = per_bench(["mathvista=a", "wemath=b"], list(BENCHES), "--data")
+    assert given == {"mathvista": "a", "wemath": "b"}
+    assert per_bench(["a"], ["mathvision"], "--data") == {"mathvision": "a"}
+    with pytest.raises(ConfigError, match="NAME=VALUE"):
+        per_bench(["a"], list(BENCHES), "--data")
+    with pytest.raises(ConfigError, match="does not evaluate"):
+        per_bench(["wemath=a"], ["mathvista"], "--split")
+    export = tmp_path / "run" / "sft" / "hf"
+    export.mkdir(parents=True)
+    (tmp_path / "run" / "config.toml").write_text("")
+    # the base model (a hub id, no run config) is prompted with the trained model's run settings
+    assert resolve_model("Qwen/Qwen2.5-VL-7B-Instruct") == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert shared_run_config(["Qwen/Qwen2.5-VL-7B-Instruct", str(export)]) == tmp_path / "run" / "config.toml"
+    with pytest.raises(ConfigError, match="not a directory"):
+        resolve_model(str(tmp_path / "missing"))

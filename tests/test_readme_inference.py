@@ -20,7 +20,6 @@ def snippet() -> str:
     return m.group(1)
 
 
-@pytest.mark.slow
 def test_readme_inference_snippet_runs_on_the_tiny_export(tmp_path):
     from transformers import AutoModelForCausalLM
 
