@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -57,10 +58,10 @@ class Step:
 
 
 STEPS = [
-    Step("tests", 75, "gpu-marked tests: compiled kernels vs float64, attention backends, packed bf16"),
-    Step("kernels_7b", 120, "fused log-prob and GRPO loss fwd+bwd at 7B shapes vs eager / compile / Liger"),
-    Step("kernels_3b", 90, "the same at 3B shapes"),
-    Step("train_3b", 90, "packed SFT step of Qwen2.5-VL-3B (random weights) vs the --plan memory"),
+    Step("tests", 60, "gpu-marked tests: compiled kernels vs float64, attention backends, packed bf16"),
+    Step("kernels_7b", 150, "fused log-prob and GRPO loss fwd+bwd at 7B shapes vs eager / compile / Liger"),
+    Step("kernels_3b", 80, "the same at 3B shapes"),
+    Step("train_3b", 80, "packed SFT step of Qwen2.5-VL-3B (random weights) vs the --plan memory"),
     Step("grpo_3b", 90, "GRPO step of Qwen2.5-VL-3B with the transformers engine, per phase"),
 ]
 SMOKE_BUDGET_S = 120  # a kill limit for a loaded CI machine; each step takes 10-40 s of CPU
@@ -71,125 +72,34 @@ TOTAL_BUDGET_S = 480  # the issue's bound: under 8 minutes on a bare H200, wheel
 
 
 def command(step: str, out: Path, smoke: bool) -> list[str]:
-    py = sys.executable
+    py = [sys.executable, "-m"]
     if step == "tests":
-        return [
-            py,
-            "-m",
-            "pytest",
-            *GPU_TEST_FILES,
-            "-m",
-            "gpu",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--junitxml",
-            str(out / "gpu_tests.xml"),
-        ]
+        # --timeout: pytest-timeout (on the device image), so that one hung test cannot eat the step
+        limit = [] if smoke else ["--timeout", "45"]
+        return py + ["pytest", *GPU_TEST_FILES, "-m", "gpu", "-q", "-p", "no:cacheprovider",
+                     "--junitxml", str(out / "gpu_tests.xml"), *limit]  # fmt: skip
     if step.startswith("kernels_"):
-        model = step.removeprefix("kernels_")
-        args = [
-            py,
-            "-m",
-            "pytest",
-            "bench/test_fused_linear_logprob.py",
-            "bench/test_fused_linear_grpo_loss.py",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-k",
-            KERNEL_FILTER,
-            "--bench-out",
-            str(out / f"{step}.json"),
-        ]
+        tests = ["bench/test_fused_linear_logprob.py", "bench/test_fused_linear_grpo_loss.py"]
+        args = py + ["pytest", *tests, "-q", "-p", "no:cacheprovider", "-k", KERNEL_FILTER,
+                     "--bench-out", str(out / f"{step}.json")]  # fmt: skip
         if smoke:
             return args + ["--bench-ci", "--benchmark-disable"]
-        return args + [
-            "--bench-models",
-            model,
-            "--bench-tokens",
-            "16384",
-            "--bench-rounds",
-            "5",
-            "--bench-warmup",
-            "1",
-        ]
+        model = step.removeprefix("kernels_")
+        return args + ["--bench-models", model, "--bench-tokens", "16384", "--bench-rounds", "5",
+                       "--bench-warmup", "1"]  # fmt: skip
+    result = ["--out", str(out / f"{step}.json")]
     if step == "train_3b":
         if smoke:
-            return [
-                py,
-                "-m",
-                "rlcs_fast.profile",
-                "--model",
-                "tiny",
-                "--tokens",
-                "512",
-                "--seq-len",
-                "128",
-                "--steps",
-                "1",
-                "--warmup",
-                "0",
-                "--kernels",
-                "torch",
-                "--out",
-                str(out / f"{step}.json"),
-            ]
-        return [
-            py,
-            "-m",
-            "rlcs_fast.profile",
-            "--model",
-            "3b",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--out",
-            str(out / f"{step}.json"),
-        ]
+            return py + ["rlcs_fast.profile", "--model", "tiny", "--tokens", "512", "--seq-len", "128",
+                         "--steps", "1", "--warmup", "0", "--kernels", "torch", *result]  # fmt: skip
+        return py + ["rlcs_fast.profile", "--model", "3b", "--steps", "2", "--warmup", "1", *result]
     if step == "grpo_3b":
         if smoke:
-            return [
-                py,
-                "-m",
-                "rlcs_fast.profile_grpo",
-                "--model",
-                "tiny",
-                "--prompts",
-                "2",
-                "--n",
-                "2",
-                "--prompt-len",
-                "8",
-                "--image-tokens",
-                "4",
-                "--response-len",
-                "8",
-                "--steps",
-                "1",
-                "--kernels",
-                "torch",
-                "--out",
-                str(out / f"{step}.json"),
-            ]
-        return [
-            py,
-            "-m",
-            "rlcs_fast.profile_grpo",
-            "--model",
-            "3b",
-            "--prompts",
-            "8",
-            "--n",
-            "4",
-            "--response-len",
-            "128",
-            "--steps",
-            "2",
-            "--out",
-            str(out / f"{step}.json"),
-        ]
+            return py + ["rlcs_fast.profile_grpo", "--model", "tiny", "--prompts", "2", "--n", "2",
+                         "--prompt-len", "8", "--image-tokens", "4", "--response-len", "8", "--steps", "1",
+                         "--kernels", "torch", *result]  # fmt: skip
+        return py + ["rlcs_fast.profile_grpo", "--model", "3b", "--prompts", "8", "--n", "4",
+                     "--response-len", "128", "--steps", "2", *result]  # fmt: skip
     raise ValueError(f"unknown step {step!r}")
 
 
@@ -365,6 +275,19 @@ def write(report: dict[str, Any], out: Path) -> None:
     (out / "gpu_check.md").write_text(markdown(report))
 
 
+def run_with_limit(cmd: list[str], env: dict[str, str], log, budget: float) -> int | None:
+    """The exit status, or None when ``budget`` seconds ran out: then its whole process group is killed
+    (torch.compile's workers and torchrun's ranks too, or they would hold the GPU in the next step)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        return proc.wait(timeout=budget)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
 def run(out: Path, smoke: bool, only: list[str] | None = None) -> dict[str, Any]:
     import torch
 
@@ -395,13 +318,8 @@ def run(out: Path, smoke: bool, only: list[str] | None = None) -> dict[str, Any]
         t0 = time.perf_counter()
         log = out / f"{step.name}.log"
         with log.open("w") as fh:
-            try:
-                rc = subprocess.run(
-                    cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=budget
-                ).returncode
-                entry["status"] = "ok" if rc == 0 else f"exit {rc}"
-            except subprocess.TimeoutExpired:
-                entry["status"] = "timeout"
+            rc = run_with_limit(cmd, env, fh, budget)
+        entry["status"] = "timeout" if rc is None else "ok" if rc == 0 else f"exit {rc}"
         entry["wall_s"] = time.perf_counter() - t0
         entry["command"] = " ".join(cmd[1:])
         try:

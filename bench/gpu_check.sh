@@ -6,7 +6,7 @@
 # The device (one H200, bare image: torch 2.11, triton 3.6, transformers 5.17, pytest, pytest-benchmark;
 # no vLLM, flash-attn, liger-kernel, datasets; no network) allows 15 minutes of device time in all,
 # 10 minutes per command and 64 MiB per transfer (working tree and carried wheels together). This script
-# stays under 8 minutes: tests 75 s, kernels 7B 120 s, kernels 3B 90 s, 3B train step 90 s, 3B GRPO step
+# stays under 8 minutes: tests 60 s, kernels 7B 150 s, kernels 3B 80 s, 3B train step 80 s, 3B GRPO step
 # 90 s, each killed at its budget with what it measured kept.
 #
 # Wheels (kept out of git in .whl/, which .gitignore lists; ~25 MB): transformers 5.19 is the first release
