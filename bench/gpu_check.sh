@@ -9,12 +9,14 @@
 # stays under 8 minutes: tests 60 s, kernels 7B 150 s, kernels 3B 80 s, 3B train step 80 s, 3B GRPO step
 # 90 s, each killed at its budget with what it measured kept.
 #
-# Wheels (kept out of git in .whl/, which .gitignore lists; ~25 MB): transformers 5.19 is the first release
-# whose vision tower packs (5.17 crashes on the varlen kwargs), with the hub and tokenizers it needs, and
-# Liger-Kernel for its fused linear GRPO loss baseline. Download them once, on a machine with PyPI:
+# Wheels (kept out of git in .whl/, which .gitignore lists; 19 MB): transformers 5.19 is the first release
+# whose vision tower packs (5.17 crashes on the varlen kwargs), with the versions of the hub (1.x: 2.x needs
+# httpx2, absent there), tokenizers, safetensors and regex it requires, and Liger-Kernel for its fused linear
+# GRPO loss baseline. Download them once, on a machine with PyPI:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl "transformers>=5.19,<5.20" "huggingface-hub>=1.31,<3" "tokenizers>=0.23.1,<0.24" liger-kernel
+#     -d .whl "transformers>=5.19,<5.20" "huggingface-hub>=1.31,<2" "tokenizers>=0.23.1,<0.24" \
+#     "safetensors>=0.8" "regex>=2025.10.22" liger-kernel
 # then run this with .whl carried: bash bench/gpu_check.sh  (CPU smoke test: bash bench/gpu_check.sh --smoke)
 set -uo pipefail
 cd "$(dirname "$0")/.."
