@@ -114,6 +114,9 @@ class Rollout:
     engine_logprobs: list[float] | None
     old_logprobs: torch.Tensor | None = None  # [R] filled by the old-policy pass
     ref_logprobs: torch.Tensor | None = None  # [R] filled by the reference pass
+    # [R] the old policy at T = 1 when the rollout temperature is not 1: engines report raw log-probs
+    # (before temperature, top-p and bans), so rollout/logprob_diff compares the same distribution
+    raw_logprobs: torch.Tensor | None = None
 
     @property
     def response_len(self) -> int:
@@ -136,18 +139,24 @@ def build_rollouts(prompts: list, completions: list, scores: list[dict[str, floa
     return out
 
 
-def logprob_head(targets: torch.Tensor, temperature: float, impl: str, with_entropy: bool = False):
+def logprob_head(targets: torch.Tensor, temperature: float, impl: str, with_entropy: bool = False,
+                 with_raw: bool = False):
+    """with_raw: [N, 2] of the log-probs at `temperature` and at 1 (one more lm-head pass, no forward)."""
     def head(hidden: torch.Tensor, weight: torch.Tensor):
-        return fused_linear_logprob(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy,
-                                    impl=impl)
+        lp = fused_linear_logprob(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy,
+                                  impl=impl)
+        if not with_raw:
+            return lp
+        return torch.stack([lp, fused_linear_logprob(hidden, weight, targets, temperature=1.0, impl=impl)], -1)
 
     return head
 
 
 @torch.no_grad()
 def compute_logprobs(policy, rollouts: list[Rollout], *, ctx: StageContext, max_tokens: int,
-                     temperature: float) -> list[torch.Tensor]:
-    """Per-response log-probs [R] of `policy` (old policy or reference), micro-batched by tokens."""
+                     temperature: float, with_raw: bool = False) -> list[torch.Tensor]:
+    """Per-response log-probs [R] of `policy` (old policy or reference), micro-batched by tokens
+    ([R, 2] with the log-probs at T = 1 too when `with_raw`)."""
     filler = dummy_image_sample(ctx.model_config)
     samples = [r.sample for r in rollouts]
     micro, n_real = plan_step(list(range(len(samples))), [s.input_ids.numel() for s in samples], max_tokens, -1)
@@ -159,7 +168,7 @@ def compute_logprobs(policy, rollouts: list[Rollout], *, ctx: StageContext, max_
         batch = pack(items, ctx.model_config.vision_config).to(ctx.device)
         targets = batch.targets[batch.loss_mask]
         with ctx.autocast():
-            lp = policy(batch, logprob_head(targets, temperature, ctx.kernels_impl)).float().cpu()
+            lp = policy(batch, logprob_head(targets, temperature, ctx.kernels_impl, with_raw=with_raw)).float().cpu()
         if i >= n_real:
             continue
         for k, part in zip(mb, torch.split(lp, [items[m].target_mask.sum().item() for m in range(len(items))])):
@@ -249,6 +258,7 @@ def run_grpo(ctx: StageContext) -> None:
     skips = SkipCounter()
     start = ctx.resume(opt, sched, skips)
     with_ref = g.kl_coef > 0
+    with_raw = g.temperature != 1.0  # the engines report log-probs at T = 1 (rollout/logprob_diff)
     ref_policy = ctx.reference_policy() if with_ref else None
     on_policy = updates_per_step == 1  # the old policy is the current one: its log-probs are the detached ones
     tok = ctx.processor.tokenizer
@@ -299,8 +309,8 @@ def run_grpo(ctx: StageContext) -> None:
             if not on_policy:
                 for r, lp in zip(rollouts, compute_logprobs(ctx.policy, rollouts, ctx=ctx,
                                                             max_tokens=g.max_tokens_per_microbatch,
-                                                            temperature=g.temperature)):
-                    r.old_logprobs = lp
+                                                            temperature=g.temperature, with_raw=with_raw)):
+                    r.old_logprobs, r.raw_logprobs = split_raw(lp)
         with timer("time/ref"):
             if with_ref:
                 for r, lp in zip(rollouts, compute_logprobs(ref_policy, rollouts, ctx=ctx,
@@ -317,8 +327,8 @@ def run_grpo(ctx: StageContext) -> None:
                     if on_policy:
                         for r, lp in zip(part, compute_logprobs(ctx.policy, part, ctx=ctx,
                                                                 max_tokens=g.max_tokens_per_microbatch,
-                                                                temperature=g.temperature)):
-                            r.old_logprobs = lp
+                                                                temperature=g.temperature, with_raw=with_raw)):
+                            r.old_logprobs, r.raw_logprobs = split_raw(lp)
                     train_stats = update(ctx, part, opt, sched, g, with_ref=with_ref)
         # 5. metrics (the next step's sync pushes the new weights to the engine)
         row = rollout_metrics(ctx, scores, lengths, completions, rollouts, skips, len(prompts))
@@ -342,13 +352,18 @@ def run_grpo(ctx: StageContext) -> None:
     ctx.finish()
 
 
+def split_raw(lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return (lp[:, 0], lp[:, 1]) if lp.dim() == 2 else (lp, None)
+
+
 def rollout_metrics(ctx: StageContext, scores, lengths, completions, rollouts, skips, n_prompts) -> dict[str, float]:
     """Global means over all ranks of the step's rewards, lengths and the engine-vs-trainer log-prob gap."""
     diff_sum, diff_n = 0.0, 0
     for r in rollouts:
         if r.engine_logprobs is not None and r.old_logprobs is not None:
             e = torch.tensor(r.engine_logprobs[: r.response_len])
-            diff_sum += float((e - r.old_logprobs[: e.numel()]).abs().sum())
+            trainer = r.raw_logprobs if r.raw_logprobs is not None else r.old_logprobs  # both at T = 1
+            diff_sum += float((e - trainer[: e.numel()]).abs().sum())
             diff_n += e.numel()
     s = torch.tensor([sum(x["overall"] for x in scores), sum(x["accuracy"] for x in scores),
                       sum(x["format"] for x in scores), len(scores), float(lengths.sum()),
