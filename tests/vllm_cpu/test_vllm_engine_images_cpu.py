@@ -70,7 +70,7 @@ def setup(tmp_path_factory):
 
 
 def push(engine, model: torch.nn.Module) -> None:
-    engine.sleep()
+    """No sleep before it (the engine resets its encoder cache on sleep): a push must do that itself."""
     engine.wake_up()
     engine.load_weights((n, t.detach()) for n, t in model.state_dict().items())
 
