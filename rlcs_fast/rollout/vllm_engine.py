@@ -7,7 +7,9 @@ One GRPO step, as the loop drives it through the `RolloutEngine` protocol (`wake
 
     wake_up(["weights"])                        # only the weights' memory: the KV cache is still free
     collective_rpc("reload_weights", weights_iterator=stream)   # full bf16 tensors, one at a time
+    restore_input_norm                          # device-side pixel-norm buffers, if any (below)
     wake_up(["kv_cache"]); reset_prefix_cache() # cached prefixes hold KV computed with the old weights
+    reset_encoder_cache()                       # image embeddings computed with the old weights
     generate(...)
     sleep(level=2)                              # weights and KV cache freed (not copied to CPU)
     reset_encoder_cache(); empty_cache()        # the vision encoder cache survives sleep otherwise
@@ -122,15 +124,20 @@ def completion_from_output(prompt_ids: list[int], output: Any, want_logprobs: bo
 
 def pixel_norm_constants(model_path: str) -> tuple[list[float], list[float]] | None:
     """(weight, bias) per channel of the processor's pixel normalisation, `x * weight + bias` =
-    `(x * rescale_factor - mean) / std`, read from the model directory; None when it has no image processor."""
-    path = Path(model_path) / "preprocessor_config.json"
-    if not path.is_file():
-        return None
-    cfg = json.loads(path.read_text())
-    mean, std = cfg.get("image_mean"), cfg.get("image_std")
-    if mean is None or std is None:
+    `(x * rescale_factor - mean) / std`, from the model directory (`preprocessor_config.json`, or the
+    `image_processor` of `processor_config.json` as transformers 5 writes it); None without one."""
+    cfg: dict[str, Any] = {}
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = Path(model_path) / name
+        if path.is_file():
+            cfg = json.loads(path.read_text())
+            cfg = cfg.get("image_processor", cfg)
+            if "image_mean" in cfg:
+                break
+    if "image_mean" not in cfg or "image_std" not in cfg:
         return None
     rescale = float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0
+    mean, std = (cfg["image_mean"], cfg["image_std"]) if cfg.get("do_normalize", True) else ([0.0] * 3, [1.0] * 3)
     return [rescale / s for s in std], [-m / s for m, s in zip(mean, std)]
 
 
