@@ -147,7 +147,8 @@ def logprob_head(targets: torch.Tensor, temperature: float, impl: str, with_entr
                                   impl=impl)
         if not with_raw:
             return lp
-        return torch.stack([lp, fused_linear_logprob(hidden, weight, targets, temperature=1.0, impl=impl)], -1)
+        raw = fused_linear_logprob(hidden, weight, targets, temperature=1.0, impl=impl)
+        return torch.stack([lp, raw], -1)
 
     return head
 
@@ -168,7 +169,8 @@ def compute_logprobs(policy, rollouts: list[Rollout], *, ctx: StageContext, max_
         batch = pack(items, ctx.model_config.vision_config).to(ctx.device)
         targets = batch.targets[batch.loss_mask]
         with ctx.autocast():
-            lp = policy(batch, logprob_head(targets, temperature, ctx.kernels_impl, with_raw=with_raw)).float().cpu()
+            head = logprob_head(targets, temperature, ctx.kernels_impl, with_raw=with_raw)
+            lp = policy(batch, head).float().cpu()
         if i >= n_real:
             continue
         for k, part in zip(mb, torch.split(lp, [items[m].target_mask.sum().item() for m in range(len(items))])):
@@ -327,7 +329,8 @@ def run_grpo(ctx: StageContext) -> None:
                     if on_policy:
                         for r, lp in zip(part, compute_logprobs(ctx.policy, part, ctx=ctx,
                                                                 max_tokens=g.max_tokens_per_microbatch,
-                                                                temperature=g.temperature, with_raw=with_raw)):
+                                                                temperature=g.temperature,
+                                                                with_raw=with_raw)):
                             r.old_logprobs, r.raw_logprobs = split_raw(lp)
                     train_stats = update(ctx, part, opt, sched, g, with_ref=with_ref)
         # 5. metrics (the next step's sync pushes the new weights to the engine)

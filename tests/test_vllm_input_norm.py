@@ -23,7 +23,8 @@ def test_constants_reproduce_the_processor_normalisation():
     normalised = ip(images=[img], return_tensors="pt")["pixel_values"]
     raw = ip(images=[img], do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
     patches = raw.shape[0]
-    fused = raw.reshape(patches, 3, -1) * torch.tensor(weight)[None, :, None] + torch.tensor(bias)[None, :, None]
+    w, b = torch.tensor(weight)[None, :, None], torch.tensor(bias)[None, :, None]
+    fused = raw.reshape(patches, 3, -1) * w + b
     torch.testing.assert_close(fused.reshape(patches, -1), normalised, atol=1e-5, rtol=0)
 
 

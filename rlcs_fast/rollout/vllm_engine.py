@@ -137,7 +137,9 @@ def pixel_norm_constants(model_path: str) -> tuple[list[float], list[float]] | N
     if "image_mean" not in cfg or "image_std" not in cfg:
         return None
     rescale = float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0
-    mean, std = (cfg["image_mean"], cfg["image_std"]) if cfg.get("do_normalize", True) else ([0.0] * 3, [1.0] * 3)
+    mean, std = cfg["image_mean"], cfg["image_std"]
+    if not cfg.get("do_normalize", True):
+        mean, std = [0.0] * len(mean), [1.0] * len(std)
     return [rescale / s for s in std], [-m / s for m, s in zip(mean, std)]
 
 

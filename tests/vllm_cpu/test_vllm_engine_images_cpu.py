@@ -31,7 +31,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the machine is shar
 
 EOS, PAD = SPECIAL_IDS["<|im_end|>"], SPECIAL_IDS["<|endoftext|>"]
 PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)  # configs/tiny.toml's data.min/max_pixels
-BANNED = tuple(SPECIAL_IDS[t] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
+VISION = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+BANNED = tuple(SPECIAL_IDS[t] for t in VISION)
 MAX_NEW = 8
 
 
@@ -112,7 +113,7 @@ def test_images_after_weight_pushes_match_transformers(setup):
             assert not set(c.response_ids) & set(BANNED)
             ref = transformers_logprobs(model, requests[j // 2], c.response_ids, 1.0)
             torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), ref, atol=1e-4, rtol=0)
-        again = engine.generate(requests, sampled)  # the seed fixes the samples (and the images hit the cache)
+        again = engine.generate(requests, sampled)  # the seed fixes the samples (images hit the cache)
         assert [c.response_ids for c in again] == [c.response_ids for c in out]
     assert seen[0] != seen[1]  # the second push changed what the engine computes
 
@@ -130,6 +131,7 @@ def test_banned_vision_tokens_never_sampled(setup):
     free = engine.generate(requests, SamplingParams(temperature=0, max_tokens=MAX_NEW))
     assert free[2].response_ids[0] in BANNED  # without the ban below they would be sampled
     for sampling in (SamplingParams(temperature=0, max_tokens=MAX_NEW, banned_token_ids=BANNED),
-                     SamplingParams(n=4, temperature=1.5, max_tokens=MAX_NEW, seed=5, banned_token_ids=BANNED)):
+                     SamplingParams(n=4, temperature=1.5, max_tokens=MAX_NEW, seed=5,
+                                    banned_token_ids=BANNED)):
         out = engine.generate(requests, sampling)
         assert all(c.response_ids and not set(c.response_ids) & set(BANNED) for c in out)
