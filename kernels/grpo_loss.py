@@ -280,6 +280,11 @@ class _GRPOLoss(torch.autograd.Function):
         return (grad * g_loss).reshape(ctx.shape).to(ctx.dtype), None, None, None, None, None, None
 
 
+def on_policy_old(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None) -> torch.Tensor:
+    """``old_logprobs``, or on-policy (None) the detached ``logprobs`` themselves: log-ratio exactly 0."""
+    return logprobs.detach() if old_logprobs is None else old_logprobs
+
+
 def _prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs, seq_ids, agg, norm_len, num_seqs):
     for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask),
                     ("ref_logprobs", ref_logprobs)):  # fmt: skip
@@ -290,7 +295,7 @@ def _prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs, seq_ids, ag
 
 def grpo_loss_reference(
     logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -309,6 +314,7 @@ def grpo_loss_reference(
     opts = GRPOOptions(clip_low, clip_high, clip_dual, kl_coef, kl_type)
     opts.validate(ref_logprobs is not None)
     w = _prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs, seq_ids, agg, norm_len, num_seqs)
+    old_logprobs = on_policy_old(logprobs, old_logprobs)
     ct = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     terms = torch_token_terms(
         logprobs.to(ct), old_logprobs.to(ct), advantages.to(ct),
@@ -321,7 +327,7 @@ def grpo_loss_reference(
 
 def grpo_loss(
     logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -343,9 +349,11 @@ def grpo_loss(
     (sequence index 0..S-1 of each token; ``num_seqs`` = S avoids a device sync when given). Returns the
     scalar float32 loss (differentiable in ``logprobs`` only) and scalar stats over masked-in tokens:
     ``clip_frac``, ``clip_frac_lower`` (dual clip), ``kl`` (to the reference, 0 without one), ``ppo_kl``
-    (to the old policy), ``ratio_mean``, ``ratio_min``, ``ratio_max``.
+    (to the old policy), ``ratio_mean``, ``ratio_min``, ``ratio_max``. ``old_logprobs=None``: on-policy
+    (one update per rollout batch, as TRL and nanochat do): the old log-probs are the detached ``logprobs``,
+    the ratio is exactly 1 and the gradient that of the unclipped surrogate.
     """
-    if not use_triton(impl, logprobs, old_logprobs, advantages, mask):
+    if not use_triton(impl, logprobs, advantages, mask):
         return grpo_loss_reference(
             logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, clip_low=clip_low,
             clip_high=clip_high, clip_dual=clip_dual, kl_coef=kl_coef, kl_type=kl_type, agg=agg,
@@ -354,6 +362,7 @@ def grpo_loss(
     opts = GRPOOptions(clip_low, clip_high, clip_dual, kl_coef, kl_type)
     opts.validate(ref_logprobs is not None)
     w = _prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs, seq_ids, agg, norm_len, num_seqs)
+    old_logprobs = on_policy_old(logprobs, old_logprobs)
 
     def flat(t):
         return None if t is None else t.reshape(-1).contiguous()
