@@ -46,7 +46,8 @@ def load_processor(path: str, *, min_pixels: int, max_pixels: int):
 
 def load_model(path: str, *, attention: str = "auto", device: torch.device | str = "cpu",
                freeze_vision: bool = False) -> tuple[Qwen2_5_VLForConditionalGeneration, str]:
-    """The HF model in float32 master weights, with the packed attention backend installed."""
+    """The HF model in float32 master weights, with the packed attention backend installed;
+    ``freeze_vision`` freezes the ViT (patch embedding and blocks), never the merger."""
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     except OSError as e:
@@ -54,8 +55,11 @@ def load_model(path: str, *, attention: str = "auto", device: torch.device | str
                       "a hub id reachable from this machine, or \"tiny\".") from e
     backend = apply_attention(model, select_attention(attention))
     if freeze_vision:
-        for p in model.model.visual.parameters():
-            p.requires_grad_(False)
+        # ViT blocks and patch embedding only: the merger (ms-swift's "aligner") keeps training, as in the
+        # recipe's `swift sft --freeze_aligner false` with freeze_vit's default
+        for name, p in model.model.visual.named_parameters():
+            if not name.startswith("merger."):
+                p.requires_grad_(False)
     return model.to(device), backend
 
 

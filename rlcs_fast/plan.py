@@ -62,6 +62,7 @@ class ModelArch:
     merge_size: int
     text_params: int
     vision_params: int
+    merger_params: int = 0  # trained even with model.freeze_vision
 
     @property
     def total_params(self) -> int:
@@ -103,11 +104,17 @@ def count_params(config) -> tuple[int, int]:
         text += vocab * h  # lm_head
     vh, vi = v.hidden_size, v.intermediate_size
     block = (vh * 3 * vh + 3 * vh) + (vh * vh + vh) + 2 * (vh * vi + vi) + (vi * vh + vh) + 2 * vh
-    merged = vh * v.spatial_merge_size**2
-    merger = vh + (merged * merged + merged) + (merged * v.out_hidden_size + v.out_hidden_size)
+    merger = merger_params(v)
     patch_embed = v.in_channels * v.temporal_patch_size * v.patch_size**2 * vh  # Conv3d without bias
     vision = patch_embed + v.depth * block + merger
     return text, vision
+
+
+def merger_params(v) -> int:
+    """The vision merger (LayerNorm + 2-layer MLP over 2x2 merged patches)."""
+    vh = v.hidden_size
+    merged = vh * v.spatial_merge_size**2
+    return vh + (merged * merged + merged) + (merged * v.out_hidden_size + v.out_hidden_size)
 
 
 def model_arch(config) -> ModelArch:
@@ -120,7 +127,8 @@ def model_arch(config) -> ModelArch:
         intermediate=t.intermediate_size, vocab=t.vocab_size, tied=bool(config.tie_word_embeddings),
         vision_depth=v.depth, vision_hidden=v.hidden_size, vision_heads=v.num_heads,
         vision_intermediate=v.intermediate_size, vision_out=v.out_hidden_size, patch_size=v.patch_size,
-        merge_size=v.spatial_merge_size, text_params=text, vision_params=vision)
+        merge_size=v.spatial_merge_size, text_params=text, vision_params=vision,
+        merger_params=merger_params(v))
 
 
 # --- data ----------------------------------------------------------------------------------------------
@@ -227,7 +235,8 @@ def _largest_unit(arch: ModelArch) -> int:
 
 def memory_plan(arch: ModelArch, cfg: Config, stage: str, world: int, gpu_gib: float) -> dict[str, float]:
     """Per-GPU GiB by component (see the module docstring for the model)."""
-    p, trainable = arch.total_params, arch.total_params - (arch.vision_params if cfg.model.freeze_vision else 0)
+    p, trainable = arch.total_params, arch.total_params - (
+        arch.vision_params - arch.merger_params if cfg.model.freeze_vision else 0)
     out = {"parameters (fp32 master, sharded)": 4 * p / world,
            "gradients (fp32, sharded)": 4 * trainable / world,
            "AdamW states (2 x fp32, sharded)": 8 * trainable / world,
@@ -353,7 +362,7 @@ def format_plan(plan: Plan, cfg: Config) -> str:
             f"MLP {a.intermediate}, vocab {a.vocab}, embeddings {'tied' if a.tied else 'untied'}",
             f"  vision: {a.vision_depth} blocks, hidden {a.vision_hidden}, heads {a.vision_heads}, MLP "
             f"{a.vision_intermediate}, patch {a.patch_size}, merge {a.merge_size}x{a.merge_size}, out {a.vision_out}"
-            f"{' (frozen)' if cfg.model.freeze_vision else ''}",
+            f"{' (blocks frozen, merger trained)' if cfg.model.freeze_vision else ''}",
             f"  parameters (from the config): {a.total_params:,} = text {a.text_params:,} + vision {a.vision_params:,}"
             f" ({a.total_params / 1e9:.2f}B)"]
     lines.append("")
