@@ -86,12 +86,14 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
-def all_gather_object(obj):
-    if not is_dist():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+def reduce_sums(values: dict[str, float], op: str = "sum") -> dict[str, float]:
+    """All-reduce named host-side statistics in one float64 collective; returns them by the same names.
+
+    One tensor for the whole dict (one collective, not one per value); reading the result by name
+    means no metric can be mislabelled by a shifted position."""
+    names = list(values)
+    reduced = all_reduce(torch.tensor([float(values[k]) for k in names], dtype=torch.float64), op)
+    return dict(zip(names, reduced.tolist()))
 
 
 def broadcast_object(obj, src: int = 0):

@@ -8,8 +8,7 @@ The paper's benchmarks (MathVista, MathVerse, MathVision, We-Math; loaders and s
 ``--bench NAME`` for one, or ``--bench NAME --data SET --score-only ANSWERS.jsonl`` to score responses
 produced elsewhere.
 
-The generate-and-score core (:func:`generate_and_score`, :func:`val_sampling`) is the one the trainer's
-``stage.validate`` calls, so for the same checkpoint, prompts, greedy decoding and scorer, ``eval`` gives
+The generate-and-score core (:mod:`rlcs_fast.validation`) is the one the trainer's ``Validator`` runs, so for the same checkpoint, prompts, greedy decoding and scorer, ``eval`` gives
 the ``val/accuracy`` the training run logged. Prompt settings (template, system prompt, pixel bounds,
 token limits, reward) come from the run's ``config.toml`` found beside the model directory (an export
 ``<run.dir>/<stage>/hf`` has it two levels up), else from the command line and the defaults.
@@ -40,7 +39,8 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError, load_config
-from .rollout.engine import Completion, SamplingParams
+from .rollout.build import banned_token_ids, build_engine
+from .validation import generate_and_score, val_sampling
 
 log = logging.getLogger("rlcs_fast")
 
@@ -48,35 +48,6 @@ IMAGE_COLUMNS = ("images", "image")
 PROBLEM_COLUMNS = ("problem", "question")
 ANSWER_COLUMNS = ("answer",)
 CATEGORY_COLUMNS = ("category", "subject", "question_type")
-
-
-# --- the core shared with training's validation --------------------------------------------------------
-
-def val_sampling(*, n: int, temperature: float, top_p: float, max_tokens: int, seed: int, rank: int = 0,
-                 banned_token_ids: tuple[int, ...] = ()) -> SamplingParams:
-    """Validation sampling: greedy at temperature 0 (top-p off), else the rollout top-p; a seed per rank."""
-    return SamplingParams(n=n, temperature=temperature, top_p=1.0 if temperature == 0 else top_p,
-                          max_tokens=max_tokens, seed=seed + 7919 * rank, banned_token_ids=banned_token_ids)
-
-
-def generate_and_score(engine, tokenizer, prompts: list, sampling: SamplingParams, scorer) -> list[dict[str, Any]]:
-    """Generate ``sampling.n`` responses per prompt and score them with the reward's scorer.
-
-    Returns one record per response, grouped by prompt: ``index`` (row), ``sample`` (0..n-1),
-    ``response``, ``ground_truth`` and the scorer's ``accuracy``, ``format``, ``overall``."""
-    from .stage import ground_truth
-
-    completions: list[Completion] = engine.generate(prompts, sampling) if prompts else []
-    responses = tokenizer.batch_decode([c.response_ids for c in completions], skip_special_tokens=True)
-    answers = [ground_truth(p.answer) for p in prompts for _ in range(sampling.n)]
-    scores = scorer.score(responses, answers) if responses else []
-    records = []
-    for j, (c, response, answer, score) in enumerate(zip(completions, responses, answers, scores)):
-        p = prompts[j // sampling.n]
-        records.append({"index": p.index, "sample": j % sampling.n, "response": response, "ground_truth": answer,
-                        "response_tokens": len(c.response_ids), "finish_reason": c.finish_reason,
-                        **{k: float(v) for k, v in score.items()}})
-    return records
 
 
 # --- metrics -------------------------------------------------------------------------------------------
@@ -207,31 +178,18 @@ def resolve_settings(cfg: Config, args: argparse.Namespace) -> EvalSettings:
         synthetic_val_size=d.synthetic_val_size, rollout=cfg.rollout)
 
 
-def banned_token_ids(mcfg) -> tuple[int, ...]:
-    """Vision special tokens: a response must never open an image."""
-    return (mcfg.image_token_id, mcfg.video_token_id, mcfg.vision_start_token_id, mcfg.vision_end_token_id)
-
-
 def load_for_eval(model_dir: str, s: EvalSettings, engine_kind: str, device: torch.device):
     """The model's processor (with the run's pixel bounds), its config and a rollout engine."""
     from transformers import AutoConfig
 
     from .model import load_processor
-    from .rollout.engine import make_engine
 
     processor = load_processor(model_dir, min_pixels=s.min_pixels, max_pixels=s.max_pixels)
-    mcfg = AutoConfig.from_pretrained(model_dir)
-    tok = processor.tokenizer
-    r = s.rollout
-    engine = make_engine(
-        engine_kind if engine_kind != "auto" else ("vllm" if device.type == "cuda" else "hf"), model_dir,
-        device=device, batch_size=s.batch_size, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tok.pad_token_id, gpu_memory_utilization=r.gpu_memory_utilization,
-        tensor_parallel_size=r.tensor_parallel_size, max_num_batched_tokens=r.max_num_batched_tokens,
-        enforce_eager=r.enforce_eager, enable_prefix_caching=r.enable_prefix_caching,
-        max_model_len=s.max_prompt_length + s.max_new_tokens, seed=s.seed, min_pixels=s.min_pixels,
-        max_pixels=s.max_pixels)  # vLLM runs its own processor: the same pixel bounds as the encoder
-    return processor, mcfg, engine
+    model_config = AutoConfig.from_pretrained(model_dir)
+    engine = build_engine(s.rollout, model_dir, tokenizer=processor.tokenizer, device=device, kind=engine_kind,
+                          batch_size=s.batch_size, max_model_len=s.max_prompt_length + s.max_new_tokens,
+                          seed=s.seed, min_pixels=s.min_pixels, max_pixels=s.max_pixels, from_disk=True)
+    return processor, model_config, engine
 
 
 def evaluate_model(model_dir: str, args: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict]:

@@ -18,11 +18,15 @@ import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, TextIO
 
 import torch
 
 from .config import ConfigError
+from .eval import run_settings
+from .rollout.build import banned_token_ids, build_engine
+from .rollout.engine import SamplingParams
 
 log = logging.getLogger("rlcs_fast")
 
@@ -36,8 +40,6 @@ class PromptSettings:
 
 
 def prompt_settings(model_dir: str, args: argparse.Namespace) -> PromptSettings:
-    from .eval import run_settings
-
     cfg, _ = run_settings(model_dir)
     d = cfg.data
     return PromptSettings(
@@ -57,31 +59,42 @@ def build_prompt(processor, settings: PromptSettings, image_path: str, question:
     return text, image
 
 
-class HFGenerator:
-    """transformers ``generate`` with a ``TextStreamer`` on stdout."""
+class Generator:
+    """Answers with the rollout engine of training and eval (``build_engine``, the same banned vision tokens):
+    the transformers engine's model streams its tokens to ``out`` as they come; other engines (vLLM's offline
+    API) return whole answers, written when done."""
 
-    def __init__(self, model_dir: str, processor, device: torch.device):
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            model_dir, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-        self.processor, self.device = processor, device
-        c = self.model.config
-        # a generated vision placeholder would not match any image: never sample one (as in training)
-        self.banned = [c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id]
+    def __init__(self, engine, processor, model_config):
+        self.engine, self.processor = engine, processor
+        self.banned = banned_token_ids(model_config)  # a generated vision placeholder opens no image
 
     @torch.no_grad()
     def answer(self, text: str, image, *, max_new_tokens: int, temperature: float, out: TextIO) -> str:
+        from .rollout.hf_engine import HFEngine
+
         tok = self.processor.tokenizer
-        enc = self.processor(text=[text], images=[image], return_tensors="pt").to(self.device)
-        streamer = make_streamer(tok, out)
+        enc = self.processor(text=[text], images=[image], return_tensors="pt")
+        if isinstance(self.engine, HFEngine):
+            return self._stream(enc, max_new_tokens=max_new_tokens, temperature=temperature, out=out)
+        request = SimpleNamespace(prompt_ids=enc["input_ids"][0], pixel_values=enc["pixel_values"],
+                                  image_grid_thw=enc["image_grid_thw"], images=[image])
+        sampling = SamplingParams(temperature=temperature, top_p=1.0, max_tokens=max_new_tokens,
+                                  banned_token_ids=self.banned)
+        (completion,) = self.engine.generate([request], sampling)
+        answer = tok.decode(completion.response_ids, skip_special_tokens=True)
+        out.write(answer + "\n")
+        out.flush()
+        return answer
+
+    def _stream(self, enc, *, max_new_tokens: int, temperature: float, out: TextIO) -> str:
+        engine, tok = self.engine, self.processor.tokenizer
+        enc = enc.to(engine.device)
         greedy = temperature == 0
-        gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
-                                  temperature=None if greedy else temperature, top_p=None, top_k=None,
-                                  eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
-                                  suppress_tokens=self.banned, streamer=streamer)
-        return tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        generated = engine.model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
+            top_p=None, top_k=None, eos_token_id=engine.eos, pad_token_id=engine.pad,
+            suppress_tokens=list(self.banned), streamer=make_streamer(tok, out))
+        return tok.decode(generated[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def make_streamer(tokenizer, out: TextIO):
@@ -95,41 +108,6 @@ def make_streamer(tokenizer, out: TextIO):
             out.flush()
 
     return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-
-class VLLMGenerator:
-    """vLLM's offline engine; the image goes in as pre-resized PIL, the prompt as the chat text."""
-
-    def __init__(self, model_dir: str, settings: PromptSettings, max_model_len: int):
-        from vllm import LLM
-
-        self.llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=max_model_len,
-                       limit_mm_per_prompt={"image": 1, "video": 0},
-                       mm_processor_kwargs={"min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels})
-
-    def answer(self, text: str, image, *, max_new_tokens: int, temperature: float, out: TextIO) -> str:
-        from vllm import SamplingParams
-
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=1.0)
-        result = self.llm.generate({"prompt": text, "multi_modal_data": {"image": image}}, params, use_tqdm=False)
-        answer = result[0].outputs[0].text
-        out.write(answer + "\n")
-        out.flush()
-        return answer
-
-
-def make_generator(engine: str, model_dir: str, processor, settings: PromptSettings, device: torch.device,
-                   max_model_len: int):
-    if engine in ("auto", "vllm"):
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            if engine == "vllm":
-                log.warning("--engine vllm but vllm is not installed (pip install 'rlcs-fast[vllm]'): using transformers")
-        else:
-            if device.type == "cuda":
-                return VLLMGenerator(model_dir, settings, max_model_len)
-    return HFGenerator(model_dir, processor, device)
 
 
 def read_requests(stream: TextIO) -> Iterator[tuple[str, str]]:
@@ -170,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None, *, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    from transformers import AutoConfig
+
     from .data import SkipSample
     from .model import load_processor
 
@@ -182,8 +162,11 @@ def main(argv: list[str] | None = None, *, stdin: TextIO | None = None, stdout: 
         print(f"rlcs_fast.generate: {e}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generator = make_generator(args.engine, args.model, processor, settings, device,
-                               max_model_len=32768)
+    cfg, _ = run_settings(args.model)
+    engine = build_engine(cfg.rollout, args.model, tokenizer=processor.tokenizer, device=device, kind=args.engine,
+                          max_model_len=32768, seed=cfg.run.seed, min_pixels=settings.min_pixels,
+                          max_pixels=settings.max_pixels, from_disk=True)
+    generator = Generator(engine, processor, AutoConfig.from_pretrained(args.model))
     requests: Any = read_requests(stdin) if args.interactive else [(args.image, args.question)]
     for image_path, question in requests:
         try:

@@ -1,107 +1,35 @@
-"""GRPO: the advantage math (pure functions, no model) and, below it, the policy update.
+"""Stage "grpo": the policy update of GRPO on the rollouts of the run's engine.
 
-Responses arrive in consecutive groups of ``group_size`` (``grpo.n``) per prompt: rewards ``[B * G]``,
-sample ``b * G + g`` is response ``g`` to prompt ``b``.
+One step reads as the algorithm, each phase a function returning a small dataclass::
 
-- :func:`group_advantages`: GRPO's outcome advantage as verl's ``compute_grpo_outcome_advantage``
-  computes it, ``(r - mean_group) / (std_group + eps)`` with the unbiased std, or ``r - mean_group``
-  (Dr. GRPO, ``std_norm=False``). Two deliberate differences, both where verl's numbers carry no
-  signal: a group whose rewards are all equal gets exactly 0 (verl's float mean can differ from the
-  rewards in the last bit, and dividing that by ``eps`` gives advantages of order 1e-2 out of nothing);
-  a group of one gets 0 (verl uses mean 0 and std 1 there, i.e. the raw reward, which has no baseline).
-- :func:`dynamic_sampling_mask`: DAPO's dynamic sampling filter, the groups worth training on.
-- :func:`overlong_penalty`: DAPO's soft overlong punishment, added to the reward before advantages.
+    generate  (sync the weights, sample ``grpo.n`` responses per prompt)   → Generated
+    score     (rewards → group advantages → dynamic-sampling filter)      → Scored
+    logprobs  (old-policy and reference log-probs on packed sequences)    → fills the rollouts
+    train     (clipped policy update(s) with KL over mini-batches)        → the update's statistics
+
+Everything per token lives on packed sequences. The advantage math is :mod:`rlcs_fast.advantages`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
 
 from . import dist
+from .advantages import dynamic_sampling_mask, group_advantages, overlong_penalty
+from .checkpointer import Checkpointer
 from .data import SkipCounter, encode_many, global_indices, rank_share
 from .kernels import fused_linear_grpo_loss, fused_linear_logprob
 from .packing import Sample, extend_positions, pack
-from .rollout.engine import SamplingParams
-from .stage import StageContext, ground_truth, validate
-from .trainer_utils import (
-    Timer,
-    build_optimizer,
-    clip_grad_norm,
-    dummy_image_sample,
-    peak_memory_gb,
-    plan_step,
-)
+from .rollout.engine import Completion, SamplingParams
+from .stage import StageContext
+from .trainer_utils import Timer, clip_grad_norm, dummy_image_sample, peak_memory_gb, plan_step
+from .validation import Validator, ground_truth
 
 log = logging.getLogger("rlcs_fast")
-
-
-def _groups(rewards: Tensor, group_size: int) -> Tensor:
-    assert isinstance(group_size, int) and group_size >= 1, (
-        f"group_size must be an int >= 1, got {group_size!r}"
-    )
-    assert rewards.dim() == 1, f"rewards must be 1-D [B * G], got shape {tuple(rewards.shape)}"
-    assert rewards.numel() % group_size == 0, (
-        f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}"
-    )
-    return rewards.reshape(-1, group_size)  # [B, G]
-
-
-def group_advantages(rewards: Tensor, group_size: int, *, eps: float = 1e-6, std_norm: bool = True) -> Tensor:
-    """GRPO outcome advantages ``[B * G]`` from rewards ``[B * G]`` (consecutive groups per prompt).
-
-    Computed in float64 and returned in the rewards' floating dtype (float32 for integer or bool
-    rewards). Never NaN for finite rewards: groups without spread and groups of one give zeros.
-    """
-    grouped = _groups(rewards, group_size).to(torch.float64)  # [B, G]
-    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
-    if group_size == 1:
-        return torch.zeros(rewards.shape, dtype=out_dtype, device=rewards.device)
-    centered = grouped - grouped.mean(dim=1, keepdim=True)
-    if std_norm:
-        centered = centered / (grouped.std(dim=1, unbiased=True, keepdim=True) + eps)
-    has_spread = grouped.amax(dim=1, keepdim=True) != grouped.amin(dim=1, keepdim=True)  # [B, 1]
-    return torch.where(has_spread, centered, 0.0).reshape(-1).to(out_dtype)
-
-
-def dynamic_sampling_mask(rewards: Tensor, group_size: int) -> Tensor:
-    """DAPO's online filter: ``[B]`` bool, True for prompts whose ``group_size`` rewards are not all equal.
-
-    A group with equal rewards (all right, all wrong) has zero advantage and no policy gradient. Groups
-    of one are always False here, unlike verl's DAPO which keeps them: with :func:`group_advantages`
-    they carry no gradient either.
-    """
-    grouped = _groups(rewards, group_size)
-    return grouped.amax(dim=1) != grouped.amin(dim=1)
-
-
-def overlong_penalty(
-    response_lengths: Tensor, max_len: int, buffer_len: int, penalty_factor: float = 1.0
-) -> Tensor:
-    """DAPO's soft overlong punishment for each response, a reward term ``<= 0`` (float32).
-
-    0 while ``length <= max_len - buffer_len``, then linear down to ``-penalty_factor`` at ``max_len``:
-    ``min(-(length - (max_len - buffer_len)) / buffer_len * penalty_factor, 0)`` as verl's DAPO reward
-    manager writes it, clamped at ``-penalty_factor`` beyond ``max_len`` as in the DAPO paper (the
-    rollout caps lengths at ``max_len``, so the clamp only guards against a misconfigured cap).
-    """
-    if not 0 < buffer_len <= max_len:
-        raise ValueError(f"overlong buffer_len must be in (0, max_len={max_len}], got {buffer_len}")
-    if penalty_factor < 0:
-        raise ValueError(f"overlong penalty_factor must be >= 0, got {penalty_factor}")
-    expected_len = max_len - buffer_len
-    exceed_len = response_lengths.to(torch.float64) - expected_len
-    penalty = (-exceed_len / buffer_len * penalty_factor).clamp(min=-penalty_factor, max=0.0)
-    return penalty.to(torch.float32)
-
-
-# --- the GRPO stage ------------------------------------------------------------------------------------
-# One step reads as the algorithm: rollout → rewards → group advantages → old / reference log-probs →
-# clipped update with KL → (next step) weight sync. Everything per token lives on packed sequences.
 
 
 @dataclass
@@ -110,7 +38,6 @@ class Rollout:
 
     sample: Sample  # prompt + response, targets on the response tokens
     advantage: float
-    reward: dict[str, float]
     engine_logprobs: list[float] | None
     old_logprobs: torch.Tensor | None = None  # [R] filled by the old-policy pass
     ref_logprobs: torch.Tensor | None = None  # [R] filled by the reference pass
@@ -123,32 +50,36 @@ class Rollout:
         return int(self.sample.target_mask.sum())
 
 
-def build_rollouts(prompts: list, completions: list, scores: list[dict[str, float]], advantages: torch.Tensor,
+def build_rollouts(prompts: list, completions: list[Completion], advantages: torch.Tensor,
                    n: int) -> list[Rollout]:
+    """Completion ``j`` answers ``prompts[j // n]``: prompt + response as one sample, the response the target."""
     out = []
-    for j, (c, s) in enumerate(zip(completions, scores)):
-        p = prompts[j // n]
-        resp = torch.tensor(c.response_ids, dtype=torch.long)
-        if resp.numel() == 0:
+    for j, completion in enumerate(completions):
+        prompt = prompts[j // n]
+        response = torch.tensor(completion.response_ids, dtype=torch.long)
+        if response.numel() == 0:
             continue  # nothing to train on (max_tokens reached 0); its group's advantages are already set
-        ids = torch.cat([p.prompt_ids, resp])
+        ids = torch.cat([prompt.prompt_ids, response])
         target = torch.zeros(ids.numel(), dtype=torch.bool)
-        target[p.prompt_ids.numel():] = True
-        sample = Sample(ids, target, extend_positions(p.position_ids, resp.numel()), p.pixel_values, p.image_grid_thw)
-        out.append(Rollout(sample, float(advantages[j]), s, c.logprobs))
+        target[prompt.prompt_ids.numel():] = True
+        sample = Sample(ids, target, extend_positions(prompt.position_ids, response.numel()),
+                        prompt.pixel_values, prompt.image_grid_thw)
+        out.append(Rollout(sample, float(advantages[j]), completion.logprobs))
     return out
 
+
+# --- log-probs and the loss on packed sequences ----------------------------------------------------------
 
 def logprob_head(targets: torch.Tensor, temperature: float, impl: str, with_entropy: bool = False,
                  with_raw: bool = False):
     """with_raw: [N, 2] of the log-probs at `temperature` and at 1 (one more lm-head pass, no forward)."""
     def head(hidden: torch.Tensor, weight: torch.Tensor):
-        lp = fused_linear_logprob(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy,
-                                  impl=impl)
+        logprobs = fused_linear_logprob(hidden, weight, targets, temperature=temperature,
+                                        with_entropy=with_entropy, impl=impl)
         if not with_raw:
-            return lp
+            return logprobs
         raw = fused_linear_logprob(hidden, weight, targets, temperature=1.0, impl=impl)
-        return torch.stack([lp, raw], -1)
+        return torch.stack([logprobs, raw], -1)
 
     return head
 
@@ -170,14 +101,19 @@ def compute_logprobs(policy, rollouts: list[Rollout], *, ctx: StageContext, max_
         targets = batch.targets[batch.loss_mask]
         with ctx.autocast():
             head = logprob_head(targets, temperature, ctx.kernels_impl, with_raw=with_raw)
-            lp = policy(batch, head).float().cpu()
+            logprobs = policy(batch, head).float().cpu()
         if i >= n_real:
             continue
-        for k, part in zip(mb, torch.split(lp, [items[m].target_mask.sum().item() for m in range(len(items))])):
+        lengths = [int(item.target_mask.sum()) for item in items]
+        for k, part in zip(mb, torch.split(logprobs, lengths)):
             if k >= 0:
                 out[k] = part
     policy.train(was_training)
     return out
+
+
+def split_raw(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return (logprobs[:, 0], logprobs[:, 1]) if logprobs.dim() == 2 else (logprobs, None)
 
 
 def grpo_head(g, targets, old, adv, mask, ref, seq_ids, norm_len, num_seqs: int, impl: str, lp_out=None,
@@ -200,27 +136,23 @@ def grpo_head(g, targets, old, adv, mask, ref, seq_ids, norm_len, num_seqs: int,
     return head
 
 
-def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, g, *, with_ref: bool,
+def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, *, with_ref: bool,
            on_policy: bool = False, with_raw: bool = False) -> dict[str, float]:
     """One optimizer step on a mini-batch of rollouts: clipped GRPO loss (+ KL) normalised over the whole
     mini-batch on all ranks, whatever the micro-batch split. ``on_policy``: the rollouts were sampled from
     these very weights, so the old log-probs are the training forward's own (detached, ratio 1; filled
     into ``old_logprobs`` afterwards) and no separate old-policy forward runs."""
-    counts = torch.tensor([sum(r.response_len for r in rollouts), len(rollouts)], dtype=torch.float64)
-    dist.all_reduce(counts)
-    global_tokens, global_seqs = float(counts[0]), float(counts[1])
+    grpo = ctx.cfg.grpo
+    totals = dist.reduce_sums({"tokens": sum(r.response_len for r in rollouts), "seqs": len(rollouts)})
     filler = dummy_image_sample(ctx.model_config)
     micro, n_real = plan_step(list(range(len(rollouts))), [r.sample.input_ids.numel() for r in rollouts],
-                              g.max_tokens_per_microbatch, -1)
-    stats_sum: dict[str, float] = {}
-    loss_sum = 0.0
+                              grpo.max_tokens_per_microbatch, -1)
+    sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "ratio_mean": 0.0}
     for i, mb in enumerate(micro):
         real = [rollouts[k] for k in mb if k >= 0]
-        items = [r.sample for r in real] or [filler]
-        batch = pack(items, ctx.model_config.vision_config).to(ctx.device)
-        index = batch.loss_mask.nonzero().squeeze(-1)
+        batch = pack([r.sample for r in real] or [filler], ctx.model_config.vision_config).to(ctx.device)
+        index = batch.loss_mask.nonzero().squeeze(-1)  # [N] the response tokens of the packed batch
         targets = batch.targets[index]
-        seq_ids = batch.seq_ids[index]
         n_tok = targets.numel()
         lp_out = torch.empty(n_tok, device=ctx.device) if on_policy else None
         raw_out = torch.empty(n_tok, device=ctx.device) if on_policy and with_raw else None
@@ -228,169 +160,215 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, g, *, with_re
             old = None if on_policy else torch.cat([r.old_logprobs for r in real]).to(ctx.device)
             adv = torch.cat([torch.full((r.response_len,), r.advantage) for r in real]).to(ctx.device)
             ref = torch.cat([r.ref_logprobs for r in real]).to(ctx.device) if with_ref else None
-        else:
+        else:  # the zero-loss filler: same collectives as the other ranks, no gradient
             old = adv = torch.zeros(n_tok, device=ctx.device)
             ref = torch.zeros(n_tok, device=ctx.device) if with_ref else None
         mask = torch.ones(n_tok, dtype=torch.bool, device=ctx.device)
-        # the aggregation's denominators are those of the whole mini-batch (see module docstring)
+        # the aggregation's denominators are those of the whole mini-batch on all ranks; FSDP2 averages
+        # gradients over ranks, so `world` undoes that; a repeated (padding) micro-batch counts 0
         scale = ctx.world * (0.0 if i >= n_real else 1.0)
         norm_len = None
-        if g.agg == "token_mean":
-            scale *= n_tok / max(global_tokens, 1.0)
-        elif g.agg == "seq_mean_token_sum_norm":
-            norm_len = g.max_response_length * global_seqs
-
-        head = grpo_head(g, targets, old, adv, mask, ref, seq_ids, norm_len, int(global_seqs),
+        if grpo.agg == "token_mean":
+            scale *= n_tok / max(totals["tokens"], 1.0)
+        elif grpo.agg == "seq_mean_token_sum_norm":
+            norm_len = grpo.max_response_length * totals["seqs"]
+        head = grpo_head(grpo, targets, old, adv, mask, ref, batch.seq_ids[index], norm_len, int(totals["seqs"]),
                          ctx.kernels_impl, lp_out, raw_out)
         with ctx.autocast():
             loss, stats = ctx.policy(batch, head, index)
         (loss * scale).backward()
         if on_policy and real:
-            for r, lp in zip(real, torch.split(lp_out.cpu(), [r.response_len for r in real])):
-                r.old_logprobs = lp
+            lengths = [r.response_len for r in real]
+            for r, logprobs in zip(real, torch.split(lp_out.cpu(), lengths)):
+                r.old_logprobs = logprobs
             if raw_out is not None:
-                for r, lp in zip(real, torch.split(raw_out.cpu(), [r.response_len for r in real])):
-                    r.raw_logprobs = lp
+                for r, logprobs in zip(real, torch.split(raw_out.cpu(), lengths)):
+                    r.raw_logprobs = logprobs
         if i < n_real:
-            loss_sum += float(loss.detach()) * scale / ctx.world
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + float(v) * n_tok
+            sums["loss"] += float(loss.detach()) * scale / ctx.world
+            for name in ("clip_frac", "kl", "entropy", "ratio_mean"):
+                sums[name] += float(stats[name]) * n_tok  # token-weighted: divided by all tokens below
     grad_norm = clip_grad_norm(ctx.policy, ctx.cfg.optim.grad_clip)
     lr = sched.get_last_lr()[0]
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    local = torch.tensor([loss_sum] + [stats_sum.get(k, 0.0) for k in ("clip_frac", "kl", "entropy", "ratio_mean")],
-                         dtype=torch.float64)
-    dist.all_reduce(local)
-    return {"train/loss": float(local[0]), "actor/clip_frac": float(local[1]) / global_tokens,
-            "actor/kl": float(local[2]) / global_tokens, "actor/entropy": float(local[3]) / global_tokens,
-            "actor/ratio_mean": float(local[4]) / global_tokens, "train/grad_norm": grad_norm, "train/lr": lr}
+    sums = dist.reduce_sums(sums)
+    return {"train/loss": sums.pop("loss"), **{f"actor/{name}": v / totals["tokens"] for name, v in sums.items()},
+            "train/grad_norm": grad_norm, "train/lr": lr}
 
 
-def run_grpo(ctx: StageContext) -> None:
-    cfg, g = ctx.cfg, ctx.cfg.grpo
-    train_table, val_table = ctx.load_tables(kind="rl")
-    encoder = ctx.encoder(max_length=g.max_prompt_length)
-    updates_per_step = g.epochs * (g.rollout_batch_size // g.mini_batch_size)
-    opt, sched = build_optimizer(ctx.policy, lr=ctx.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
-                                 eps=cfg.optim.eps, warmup_ratio=cfg.optim.warmup_ratio, schedule=cfg.optim.schedule,
-                                 min_lr_ratio=cfg.optim.min_lr_ratio, total_steps=g.steps * updates_per_step)
-    skips = SkipCounter()
-    start = ctx.resume(opt, sched, skips)
-    with_ref = g.kl_coef > 0
-    with_raw = g.temperature != 1.0  # the engines report log-probs at T = 1 (rollout/logprob_diff)
-    ref_policy = ctx.reference_policy() if with_ref else None
-    on_policy = updates_per_step == 1  # the old policy is the current one: its log-probs are the detached ones
-    tok = ctx.processor.tokenizer
-    log.info("grpo: %d steps, %d prompts x %d responses, %d update(s) per step, kl_coef %g%s, from step %d",
-             g.steps, g.rollout_batch_size, g.n, updates_per_step, g.kl_coef, "" if with_ref else " (no reference model)",
-             start)
-    if start == 0 and g.val_before_train:  # the starting point, for the learning curve
-        ctx.metrics.log("grpo", 0, validate(ctx, val_table, temperature=g.val_temperature, n=g.val_n))
-    ctx.metrics.start_bar("grpo", g.steps, start)
-    for step in range(start + 1, g.steps + 1):
-        timer = Timer()
-        t0 = time.perf_counter()
-        idx = global_indices(len(train_table), (step - 1) * g.rollout_batch_size, g.rollout_batch_size, cfg.run.seed)
-        mine = rank_share(idx, ctx.rank, ctx.world)
-        prompts = encode_many(lambda row, i: encoder.prompt(row, i), ((train_table[i], i) for i in mine), skips,
-                              "data.train")
-        # 1. rollout with the current weights
-        with timer("time/sync"):
-            ctx.sync_engine()
-        with timer("time/rollout"):
-            sampling = SamplingParams(n=g.n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_response_length,
-                                      seed=(cfg.run.seed * 1_000_003 + step) * 4099 + ctx.rank, logprobs=True,
-                                      banned_token_ids=ctx.banned_token_ids)
-            completions = ctx.engine.generate(prompts, sampling)
-            engine_memory = getattr(ctx.engine, "memory_gb", None)  # engines with sleep mode report it
-            vllm_mem = {"mem/vllm_awake_gb": engine_memory()} if engine_memory else {}
-            ctx.engine.sleep()
-            if engine_memory:
-                vllm_mem["mem/vllm_asleep_gb"] = engine_memory()
-        # 2. rewards and group advantages
-        with timer("time/reward"):
-            responses = tok.batch_decode([c.response_ids for c in completions], skip_special_tokens=True)
-            answers = [ground_truth(p.answer) for p in prompts for _ in range(g.n)]
-            scores = ctx.scorer.score(responses, answers) if responses else []
-            lengths = torch.tensor([len(c.response_ids) for c in completions], dtype=torch.float32)
-            rewards = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
-            if g.overlong_buffer:
-                rewards = rewards + overlong_penalty(lengths, g.max_response_length, g.overlong_buffer, g.overlong_penalty)
-            advantages = group_advantages(rewards, g.n, std_norm=g.std_norm)
-            keep = torch.ones(len(prompts), dtype=torch.bool)
-            if g.dynamic_sampling and len(prompts):
-                keep = dynamic_sampling_mask(rewards, g.n)
-            kept = [j for j in range(len(completions)) if keep[j // g.n]]
-            rollouts = build_rollouts([prompts[j // g.n] for j in kept[::g.n]] if kept else [],
-                                      [completions[j] for j in kept], [scores[j] for j in kept], advantages[kept], g.n)
-        # 3. old and reference log-probs on packed sequences
-        with timer("time/old"):
-            if not on_policy:
-                for r, lp in zip(rollouts, compute_logprobs(ctx.policy, rollouts, ctx=ctx,
-                                                            max_tokens=g.max_tokens_per_microbatch,
-                                                            temperature=g.temperature, with_raw=with_raw)):
-                    r.old_logprobs, r.raw_logprobs = split_raw(lp)
-        with timer("time/ref"):
-            if with_ref:
-                for r, lp in zip(rollouts, compute_logprobs(ref_policy, rollouts, ctx=ctx,
-                                                            max_tokens=g.max_tokens_per_microbatch,
-                                                            temperature=g.temperature)):
-                    r.ref_logprobs = lp
-        # 4. clipped policy update(s) over mini-batches
-        with timer("time/train"):
-            train_stats: dict[str, float] = {}
-            n_mini = g.rollout_batch_size // g.mini_batch_size  # the same on every rank: collectives line up
-            for _ in range(g.epochs):
-                for m0 in range(n_mini):
-                    part = rollouts[m0 * len(rollouts) // n_mini:(m0 + 1) * len(rollouts) // n_mini]
-                    train_stats = update(ctx, part, opt, sched, g, with_ref=with_ref, on_policy=on_policy,
-                                         with_raw=with_raw)
-        # 5. metrics (the next step's sync pushes the new weights to the engine)
-        row = rollout_metrics(ctx, scores, lengths, completions, rollouts, skips, len(prompts))
-        row.update(train_stats)
-        row.update(timer.times)
-        row.update(vllm_mem)
-        dt = time.perf_counter() - t0
-        tokens = float(dist.all_reduce(torch.tensor([float(sum(r.sample.input_ids.numel() for r in rollouts))]))[0])
-        row.update({"perf/tokens_per_s": tokens / dt, "time/step": dt, "mem/peak_gb": peak_memory_gb(ctx.device)})
-        if step % g.log_every == 0 or step == g.steps:
-            ctx.metrics.log("grpo", step, row)
-        ctx.metrics.update_bar({"reward": row["reward/overall"], "acc": row["reward/accuracy"]})
-        last = step == g.steps
-        if (g.val_every and step % g.val_every == 0) or last:
-            vrow = validate(ctx, val_table, temperature=g.val_temperature, n=g.val_n)
-            ctx.metrics.log("grpo", step, vrow)
-            log.info("grpo step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in vrow.items()))
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
-            ctx.save(step, opt, sched, skips)
-    ctx.metrics.close_bar()
-    ctx.finish()
+# --- the phases of one step -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What every step of this run computes, fixed at the start."""
+
+    with_ref: bool  # a KL term: reference log-probs
+    on_policy: bool  # one update per rollout batch: the old log-probs are the update's own (detached)
+    with_raw: bool  # rollout temperature != 1: old log-probs at T = 1 too (engines report those)
 
 
-def split_raw(lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return (lp[:, 0], lp[:, 1]) if lp.dim() == 2 else (lp, None)
+@dataclass
+class Generated:
+    completions: list[Completion]  # grpo.n per prompt, grouped: prompt j's at [j * n, (j + 1) * n)
+    engine_memory: dict[str, float] = field(default_factory=dict)  # engines with sleep mode report it
 
 
-def rollout_metrics(ctx: StageContext, scores, lengths, completions, rollouts, skips, n_prompts) -> dict[str, float]:
+@dataclass
+class Scored:
+    scores: list[dict[str, float]]  # per completion: accuracy, format, overall
+    lengths: torch.Tensor  # [B * n] response lengths
+    rollouts: list[Rollout]  # the completions of the groups kept by dynamic sampling
+
+
+def generate(ctx: StageContext, prompts: list, step: int, timer: Timer) -> Generated:
+    """Push the current weights into the engine, sample ``grpo.n`` responses per prompt, put it to sleep."""
+    grpo = ctx.cfg.grpo
+    with timer("time/sync"):
+        engine = ctx.sync_engine()
+    with timer("time/rollout"):
+        sampling = SamplingParams(n=grpo.n, temperature=grpo.temperature, top_p=grpo.top_p,
+                                  max_tokens=grpo.max_response_length,
+                                  seed=(ctx.cfg.run.seed * 1_000_003 + step) * 4099 + ctx.rank, logprobs=True,
+                                  banned_token_ids=ctx.banned_token_ids)
+        out = Generated(engine.generate(prompts, sampling))
+        memory_gb = getattr(engine, "memory_gb", None)
+        if memory_gb:
+            out.engine_memory["mem/vllm_awake_gb"] = memory_gb()
+        engine.sleep()
+        if memory_gb:
+            out.engine_memory["mem/vllm_asleep_gb"] = memory_gb()
+    return out
+
+
+def score(ctx: StageContext, prompts: list, completions: list[Completion]) -> Scored:
+    """Rewards (+ DAPO's overlong penalty) → group advantages → the groups worth training on."""
+    grpo = ctx.cfg.grpo
+    responses = ctx.processor.tokenizer.batch_decode([c.response_ids for c in completions],
+                                                     skip_special_tokens=True)
+    answers = [ground_truth(p.answer) for p in prompts for _ in range(grpo.n)]
+    scores = ctx.scorer.score(responses, answers) if responses else []
+    lengths = torch.tensor([len(c.response_ids) for c in completions], dtype=torch.float32)
+    rewards = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
+    if grpo.overlong_buffer:
+        rewards = rewards + overlong_penalty(lengths, grpo.max_response_length, grpo.overlong_buffer,
+                                             grpo.overlong_penalty)
+    advantages = group_advantages(rewards, grpo.n, std_norm=grpo.std_norm)
+    keep = torch.ones(len(prompts), dtype=torch.bool)
+    if grpo.dynamic_sampling and len(prompts):
+        keep = dynamic_sampling_mask(rewards, grpo.n)
+    kept = [j for j in range(len(completions)) if keep[j // grpo.n]]
+    rollouts = build_rollouts([prompts[j // grpo.n] for j in kept[::grpo.n]], [completions[j] for j in kept],
+                              advantages[kept], grpo.n)
+    return Scored(scores, lengths, rollouts)
+
+
+def fill_logprobs(ctx: StageContext, rollouts: list[Rollout], ref_policy, plan: StepPlan, timer: Timer) -> None:
+    """The old policy's log-probs (unless on-policy: the update's own forward gives them) and the
+    reference's (for the KL term), in place."""
+    grpo = ctx.cfg.grpo
+    budget, temperature = grpo.max_tokens_per_microbatch, grpo.temperature
+    with timer("time/old"):
+        if not plan.on_policy:
+            old = compute_logprobs(ctx.policy, rollouts, ctx=ctx, max_tokens=budget, temperature=temperature,
+                                   with_raw=plan.with_raw)
+            for r, logprobs in zip(rollouts, old):
+                r.old_logprobs, r.raw_logprobs = split_raw(logprobs)
+    with timer("time/ref"):
+        if plan.with_ref:
+            ref = compute_logprobs(ref_policy, rollouts, ctx=ctx, max_tokens=budget, temperature=temperature)
+            for r, logprobs in zip(rollouts, ref):
+                r.ref_logprobs = logprobs
+
+
+def train(ctx: StageContext, rollouts: list[Rollout], opt, sched, plan: StepPlan, timer: Timer) -> dict[str, float]:
+    """``grpo.epochs`` passes over the rollouts in ``rollout_batch_size / mini_batch_size`` mini-batches,
+    one optimizer step each; returns the last update's statistics."""
+    grpo = ctx.cfg.grpo
+    n_mini = grpo.rollout_batch_size // grpo.mini_batch_size  # the same on every rank: collectives line up
+    stats: dict[str, float] = {}
+    with timer("time/train"):
+        for _ in range(grpo.epochs):
+            for m in range(n_mini):
+                part = rollouts[m * len(rollouts) // n_mini:(m + 1) * len(rollouts) // n_mini]
+                stats = update(ctx, part, opt, sched, with_ref=plan.with_ref, on_policy=plan.on_policy,
+                               with_raw=plan.with_raw)
+    return stats
+
+
+def rollout_metrics(ctx: StageContext, generated: Generated, scored: Scored, skips: SkipCounter,
+                    n_prompts: int) -> dict[str, float]:
     """Global means over all ranks of the step's rewards, lengths and the engine-vs-trainer log-prob gap."""
     diff_sum, diff_n = 0.0, 0
-    for r in rollouts:
+    for r in scored.rollouts:
         if r.engine_logprobs is not None and r.old_logprobs is not None:
-            e = torch.tensor(r.engine_logprobs[: r.response_len])
+            engine = torch.tensor(r.engine_logprobs[: r.response_len])
             trainer = r.raw_logprobs if r.raw_logprobs is not None else r.old_logprobs  # both at T = 1
-            diff_sum += float((e - trainer[: e.numel()]).abs().sum())
-            diff_n += e.numel()
-    s = torch.tensor([sum(x["overall"] for x in scores), sum(x["accuracy"] for x in scores),
-                      sum(x["format"] for x in scores), len(scores), float(lengths.sum()),
-                      sum(c.finish_reason == "length" for c in completions), diff_sum, diff_n, skips.total,
-                      n_prompts - len(rollouts) // max(1, ctx.cfg.grpo.n), float(lengths.max()) if len(lengths) else 0.0],
-                     dtype=torch.float64)
-    mx = dist.all_reduce(s[10:11].clone(), "max")
-    dist.all_reduce(s)
-    n = max(float(s[3]), 1.0)
-    return {"reward/overall": float(s[0]) / n, "reward/accuracy": float(s[1]) / n, "reward/format": float(s[2]) / n,
-            "response/length": float(s[4]) / n, "response/length_max": float(mx[0]),
-            "response/clip_ratio": float(s[5]) / n, "rollout/logprob_diff": float(s[6]) / max(float(s[7]), 1.0),
-            "data/skipped": float(s[8]), "data/filtered_groups": float(s[9])}
+            diff_sum += float((engine - trainer[: engine.numel()]).abs().sum())
+            diff_n += engine.numel()
+    scores, lengths = scored.scores, scored.lengths
+    longest = dist.reduce_sums({"length": float(lengths.max()) if len(lengths) else 0.0}, "max")
+    sums = dist.reduce_sums({
+        "overall": sum(s["overall"] for s in scores), "accuracy": sum(s["accuracy"] for s in scores),
+        "format": sum(s["format"] for s in scores), "count": len(scores), "length": float(lengths.sum()),
+        "clipped": sum(c.finish_reason == "length" for c in generated.completions),
+        "diff": diff_sum, "diff_tokens": diff_n, "skipped": skips.total,
+        "filtered": n_prompts - len(scored.rollouts) // max(1, ctx.cfg.grpo.n)})
+    count = max(sums["count"], 1.0)
+    return {"reward/overall": sums["overall"] / count, "reward/accuracy": sums["accuracy"] / count,
+            "reward/format": sums["format"] / count, "response/length": sums["length"] / count,
+            "response/length_max": longest["length"], "response/clip_ratio": sums["clipped"] / count,
+            "rollout/logprob_diff": sums["diff"] / max(sums["diff_tokens"], 1.0),
+            "data/skipped": sums["skipped"], "data/filtered_groups": sums["filtered"]}
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+
+def run_grpo(ctx: StageContext) -> None:
+    cfg, grpo = ctx.cfg, ctx.cfg.grpo
+    train_table, val_table = ctx.load_tables(kind="rl")
+    encoder = ctx.encoder(max_length=grpo.max_prompt_length)
+    updates_per_step = grpo.epochs * (grpo.rollout_batch_size // grpo.mini_batch_size)
+    opt, sched = ctx.optimizer(grpo.steps * updates_per_step)
+    skips = SkipCounter()
+    checkpointer = Checkpointer(ctx, opt, sched, skips)
+    validator = Validator(ctx, val_table, every=grpo.val_every, temperature=grpo.val_temperature, n=grpo.val_n)
+    start = checkpointer.resume()
+    plan = StepPlan(with_ref=grpo.kl_coef > 0, on_policy=updates_per_step == 1, with_raw=grpo.temperature != 1.0)
+    ref_policy = ctx.reference_policy() if plan.with_ref else None
+    log.info("grpo: %d steps, %d prompts x %d responses, %d update(s) per step, kl_coef %g%s, from step %d",
+             grpo.steps, grpo.rollout_batch_size, grpo.n, updates_per_step, grpo.kl_coef,
+             "" if plan.with_ref else " (no reference model)", start)
+    if start == 0 and grpo.val_before_train:  # the starting point, for the learning curve
+        ctx.metrics.log("grpo", 0, validator.generate_and_score())
+    ctx.metrics.start_bar("grpo", grpo.steps, start)
+    for step in range(start + 1, grpo.steps + 1):
+        last = step == grpo.steps
+        timer = Timer()
+        t0 = time.perf_counter()
+        rows = global_indices(len(train_table), (step - 1) * grpo.rollout_batch_size, grpo.rollout_batch_size,
+                              cfg.run.seed)
+        prompts = encode_many(lambda row, i: encoder.prompt(row, i),
+                              ((train_table[i], i) for i in rank_share(rows, ctx.rank, ctx.world)), skips,
+                              "data.train")
+        generated = generate(ctx, prompts, step, timer)
+        with timer("time/reward"):
+            scored = score(ctx, prompts, generated.completions)
+        fill_logprobs(ctx, scored.rollouts, ref_policy, plan, timer)
+        train_stats = train(ctx, scored.rollouts, opt, sched, plan, timer)
+        # the next step's sync pushes the new weights to the engine
+        tokens = dist.reduce_sums({"tokens": sum(r.sample.input_ids.numel() for r in scored.rollouts)})["tokens"]
+        dt = time.perf_counter() - t0
+        row = {**rollout_metrics(ctx, generated, scored, skips, len(prompts)), **train_stats, **timer.times,
+               **generated.engine_memory, "perf/tokens_per_s": tokens / dt, "time/step": dt,
+               "mem/peak_gb": peak_memory_gb(ctx.device)}
+        if step % grpo.log_every == 0 or last:
+            ctx.metrics.log("grpo", step, row)
+        ctx.metrics.update_bar({"reward": row["reward/overall"], "acc": row["reward/accuracy"]})
+        if validator.should_validate(step, last):
+            validator.run(step)
+        checkpointer.save(step, last_step=last)
+    ctx.metrics.close_bar()
+    checkpointer.export()
+    ctx.close()

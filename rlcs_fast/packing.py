@@ -74,6 +74,17 @@ class PackedBatch:
         return replace(self, **moved)
 
 
+def patch_dim(vision_config: Any) -> int:
+    """Values per vision patch (one row of ``pixel_values``): channels x temporal patch x patch side²."""
+    return vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size**2
+
+
+def smallest_image(vision_config: Any) -> tuple[Tensor, Tensor]:
+    """(zero pixels [merge², patch_dim], grid [[1, merge, merge]]): the smallest image, one merged token."""
+    merge = vision_config.spatial_merge_size
+    return torch.zeros(merge * merge, patch_dim(vision_config)), torch.tensor([[1, merge, merge]])
+
+
 def mrope_positions(model_config: Any, input_ids: Tensor, image_grid_thw: Tensor | None) -> Tensor:
     """Qwen2.5-VL 3-D rope positions of one sequence → [3, T] int64.
 
@@ -365,16 +376,12 @@ def forward_hidden(model: nn.Module, batch: PackedBatch, *, touch_vision: bool |
 
 def _dummy_vision_output(visual: nn.Module, device: torch.device) -> Tensor:
     """Sum of the vision tower's output on one smallest image of zeros (a scalar)."""
-    cfg = visual.config
-    side = 2 * cfg.spatial_merge_size
-    grid = torch.tensor([[1, side, side]])
-    patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
-    pixels = torch.zeros(side * side, patch_dim, device=device, dtype=visual.dtype)
-    vkw = {
-        k.removeprefix("image_"): v.to(device) if isinstance(v, Tensor) else v
-        for k, v in vision_kwargs(cfg, grid).items()
+    pixels, grid = smallest_image(visual.config)
+    extra = {
+        name.removeprefix("image_"): value.to(device) if isinstance(value, Tensor) else value
+        for name, value in vision_kwargs(visual.config, grid).items()
     }
-    return visual(pixels, grid_thw=grid, **vkw).pooler_output.sum()
+    return visual(pixels.to(device, visual.dtype), grid_thw=grid, **extra).pooler_output.sum()
 
 
 def _check_fsdp_root(model: nn.Module) -> None:

@@ -118,6 +118,8 @@ def load_model_config(path: str, *, key: str = "model.path"):
 def count_params(config) -> tuple[int, int]:
     """(text, vision) parameter counts of ``Qwen2_5_VLForConditionalGeneration`` built from ``config``,
     tied embeddings counted once. Mirrors the module shapes of transformers' Qwen2.5-VL."""
+    from .packing import patch_dim  # imports torch: not at the top, `--dry-run` may not need it
+
     t, v = config.text_config, config.vision_config
     h, inter, vocab = t.hidden_size, t.intermediate_size, t.vocab_size
     hd = getattr(t, "head_dim", None) or h // t.num_attention_heads
@@ -130,7 +132,7 @@ def count_params(config) -> tuple[int, int]:
     vh, vi = v.hidden_size, v.intermediate_size
     block = (vh * 3 * vh + 3 * vh) + (vh * vh + vh) + 2 * (vh * vi + vi) + (vi * vh + vh) + 2 * vh
     merger = merger_params(v)
-    patch_embed = v.in_channels * v.temporal_patch_size * v.patch_size**2 * vh  # Conv3d without bias
+    patch_embed = patch_dim(v) * vh  # Conv3d without bias
     vision = patch_embed + v.depth * block + merger
     return text, vision
 

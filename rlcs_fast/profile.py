@@ -184,7 +184,7 @@ def peak_tflops(device: torch.device, override: float | None, dtype: torch.dtype
 def synthetic_batch(config, *, tokens: int, seq_len: int, image_tokens: int, seed: int = 0):
     """Packed random sequences filling ``tokens``: each holds one image of ``image_tokens`` merged tokens
     (a square-ish grid) after a short prompt, then answer tokens that the loss covers."""
-    from .packing import Sample, mrope_positions, pack
+    from .packing import Sample, mrope_positions, pack, patch_dim
 
     g = torch.Generator().manual_seed(seed)
     vc = config.vision_config
@@ -194,7 +194,7 @@ def synthetic_batch(config, *, tokens: int, seq_len: int, image_tokens: int, see
     cols = max(1, image_tokens // rows)
     grid = torch.tensor([[1, rows * merge, cols * merge]])
     n_img = rows * cols
-    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    patch_values = patch_dim(vc)
     prompt_len = 16
     # ordinary text ids only: a random special token (an extra <|image_pad|>) would break the image layout
     specials = [config.image_token_id, config.video_token_id, config.vision_start_token_id,
@@ -214,7 +214,7 @@ def synthetic_batch(config, *, tokens: int, seq_len: int, image_tokens: int, see
                              text[prompt_len:]])
             target = torch.zeros(length, dtype=torch.bool)
             target[prompt_len + n_img + 2:] = True
-            pixels = torch.randn(n_img * merge**2, patch_dim, generator=g)
+            pixels = torch.randn(n_img * merge**2, patch_values, generator=g)
             samples.append(Sample(ids, target, mrope_positions(config, ids, grid), pixels, grid.clone()))
         left -= length
     return pack(samples, vc)
@@ -224,6 +224,7 @@ def _build(config, device: torch.device, *, grad_ckpt: bool, seed: int):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from .attention import apply_attention, select_attention
+    from .config import OptimConfig
     from .model import Policy, apply_activation_checkpointing
     from .trainer_utils import build_optimizer
 
@@ -234,8 +235,7 @@ def _build(config, device: torch.device, *, grad_ckpt: bool, seed: int):
     if grad_ckpt:
         apply_activation_checkpointing(model)
     model.train()
-    opt, _ = build_optimizer(model, lr=1e-6, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8, warmup_ratio=0.0,
-                             schedule="constant", min_lr_ratio=0.0, total_steps=1)
+    opt, _ = build_optimizer(model, OptimConfig(schedule="constant"), lr=1e-6, total_steps=1)
     return Policy(model), opt, backend
 
 

@@ -60,7 +60,7 @@ class _StepContext:
 
 def image_prompts(config, *, prompts: int, prompt_len: int, image_tokens: int, seed: int) -> list[_Prompt]:
     """Random text around one image of ``image_tokens`` merged tokens per prompt, mrope positions included."""
-    from .packing import mrope_positions
+    from .packing import mrope_positions, patch_dim
 
     g = torch.Generator().manual_seed(seed)
     vc = config.vision_config
@@ -68,7 +68,7 @@ def image_prompts(config, *, prompts: int, prompt_len: int, image_tokens: int, s
     rows = max(1, int(image_tokens**0.5))
     cols = max(1, image_tokens // rows)
     grid = torch.tensor([[1, rows * merge, cols * merge]])
-    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    patch_values = patch_dim(vc)
     specials = [
         config.image_token_id,
         config.video_token_id,
@@ -90,7 +90,7 @@ def image_prompts(config, *, prompts: int, prompt_len: int, image_tokens: int, s
                 text[1:],
             ]
         )
-        pixels = torch.randn(rows * cols * merge**2, patch_dim, generator=g)
+        pixels = torch.randn(rows * cols * merge**2, patch_values, generator=g)
         out.append(_Prompt(ids, mrope_positions(config, ids, grid), pixels, grid.clone()))
     return out
 
@@ -131,23 +131,14 @@ def profile_grpo(
     """Phase times (s) and peak memory (GiB) of the last of ``steps`` GRPO steps (the first warms up)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from .config import OptimConfig
     from .grpo import build_rollouts, compute_logprobs, group_advantages, update
     from .rollout.engine import SamplingParams
     from .rollout.hf_engine import HFEngine
     from .trainer_utils import build_optimizer, iter_full_weights
 
     policy, _, backend = _build(config, device, grad_ckpt=grad_ckpt, seed=seed)
-    opt, sched = build_optimizer(
-        policy,
-        lr=1e-6,
-        weight_decay=0.0,
-        betas=[0.9, 0.999],
-        eps=1e-8,
-        warmup_ratio=0.0,
-        schedule="constant",
-        min_lr_ratio=0.0,
-        total_steps=steps,
-    )
+    opt, sched = build_optimizer(policy, OptimConfig(schedule="constant"), lr=1e-6, total_steps=steps)
     with torch.device(
         device
     ):  # the engine's own copy (random): the policy's weights arrive in the sync phase

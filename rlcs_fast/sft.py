@@ -11,16 +11,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 
 from . import dist
+from .checkpointer import Checkpointer
 from .data import Encoder, SkipCounter, encode_many, global_indices, rank_share
 from .kernels import fused_linear_logprob
 from .packing import pack
-from .stage import StageContext, validate
-from .trainer_utils import build_optimizer, clip_grad_norm, dummy_image_sample, peak_memory_gb, plan_step
+from .stage import StageContext
+from .trainer_utils import clip_grad_norm, dummy_image_sample, peak_memory_gb, plan_step
+from .validation import Validator
 
 log = logging.getLogger("rlcs_fast")
 
@@ -39,10 +40,9 @@ def run_step(ctx: StageContext, samples: list, max_tokens: int) -> dict[str, flo
     """Forward/backward over this rank's samples; returns the global NLL sum and token counts."""
     filler = dummy_image_sample(ctx.model_config)
     micro, n_real = plan_step(samples, [s.input_ids.numel() for s in samples], max_tokens, filler)
-    counts = torch.tensor([sum(int(s.target_mask.sum()) for s in samples),
-                           sum(s.input_ids.numel() for s in samples)], dtype=torch.float64)
-    dist.all_reduce(counts)
-    loss_tokens, all_tokens = counts.tolist()
+    counts = dist.reduce_sums({"loss_tokens": sum(int(s.target_mask.sum()) for s in samples),
+                               "tokens": sum(s.input_ids.numel() for s in samples)})
+    loss_tokens = counts["loss_tokens"]
     nll = torch.zeros((), dtype=torch.float64)
     for i, mb in enumerate(micro):
         batch = pack(mb, ctx.model_config.vision_config).to(ctx.device)
@@ -55,8 +55,7 @@ def run_step(ctx: StageContext, samples: list, max_tokens: int) -> dict[str, flo
         loss.backward()
         if weight:
             nll += loss.detach().double().cpu() * loss_tokens / ctx.world
-    dist.all_reduce(nll)
-    return {"nll_sum": float(nll), "loss_tokens": loss_tokens, "tokens": all_tokens}
+    return {"nll_sum": dist.reduce_sums({"nll": float(nll)})["nll"], **counts}
 
 
 @torch.no_grad()
@@ -66,70 +65,63 @@ def val_loss(ctx: StageContext, encoder: Encoder, table, max_tokens: int, skips:
     samples = encode_many(lambda row, i: encoder.sft(row), ((table[i], i) for i in idx), skips, "data.val")
     filler = dummy_image_sample(ctx.model_config)
     micro, n_real = plan_step(samples, [s.input_ids.numel() for s in samples], max_tokens, filler)
-    total = torch.zeros(2, dtype=torch.float64)
+    nll_sum, tokens = 0.0, 0
     for i, mb in enumerate(micro):
         batch = pack(mb, ctx.model_config.vision_config).to(ctx.device)
         targets = batch.targets[batch.loss_mask]
         with ctx.autocast():
             nll = ctx.policy(batch, sft_loss_fn(targets, 1.0, ctx.kernels_impl))
         if i < n_real:
-            total += torch.tensor([float(nll), float(targets.numel())], dtype=torch.float64)
-    dist.all_reduce(total)
+            nll_sum, tokens = nll_sum + float(nll), tokens + targets.numel()
+    total = dist.reduce_sums({"nll": nll_sum, "tokens": tokens})
     ctx.policy.train()
-    return float(total[0] / max(total[1], 1.0))
+    return total["nll"] / max(total["tokens"], 1.0)
 
 
 def run_sft(ctx: StageContext) -> None:
-    cfg = ctx.cfg
-    scfg = cfg.sft
+    cfg, sft = ctx.cfg, ctx.cfg.sft
     train_table, val_table = ctx.load_tables(kind="sft")
     encoder = ctx.encoder(max_length=cfg.data.max_length)
-    total_steps = scfg.steps or max(1, math.ceil(scfg.epochs * len(train_table) / scfg.global_batch_size))
-    opt, sched = build_optimizer(ctx.policy, lr=ctx.lr, weight_decay=cfg.optim.weight_decay,
-                                 betas=cfg.optim.betas, eps=cfg.optim.eps, warmup_ratio=cfg.optim.warmup_ratio,
-                                 schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio,
-                                 total_steps=total_steps)
+    total_steps = sft.steps or max(1, math.ceil(sft.epochs * len(train_table) / sft.global_batch_size))
+    opt, sched = ctx.optimizer(total_steps)
     skips = SkipCounter()
-    start = ctx.resume(opt, sched, skips)
+    checkpointer = Checkpointer(ctx, opt, sched, skips)
+    # generation uses the GRPO stage's validation settings, so the two stages' val rows compare
+    validator = Validator(ctx, val_table, every=sft.val_every, temperature=cfg.grpo.val_temperature,
+                          n=cfg.grpo.val_n, generate=sft.val_generate,
+                          loss=lambda: val_loss(ctx, encoder, val_table, sft.max_tokens_per_microbatch, skips))
+    start = checkpointer.resume()
     log.info("sft: %d steps of %d sequences (%d train rows, %d val rows), lr %.3g, from step %d",
-             total_steps, scfg.global_batch_size, len(train_table), len(val_table), ctx.lr, start)
+             total_steps, sft.global_batch_size, len(train_table), len(val_table), ctx.lr, start)
     ctx.metrics.start_bar("sft", total_steps, start)
     for step in range(start + 1, total_steps + 1):
+        last = step == total_steps
         t0 = time.perf_counter()
-        idx = global_indices(len(train_table), (step - 1) * scfg.global_batch_size, scfg.global_batch_size,
-                             cfg.run.seed)
-        mine = rank_share(idx, ctx.rank, ctx.world)
-        samples = encode_many(lambda row, i: encoder.sft(row), ((train_table[i], i) for i in mine), skips,
+        rows = global_indices(len(train_table), (step - 1) * sft.global_batch_size, sft.global_batch_size,
+                              cfg.run.seed)
+        samples = encode_many(lambda row, i: encoder.sft(row),
+                              ((train_table[i], i) for i in rank_share(rows, ctx.rank, ctx.world)), skips,
                               "data.train")
-        out = run_step(ctx, samples, scfg.max_tokens_per_microbatch)
+        out = run_step(ctx, samples, sft.max_tokens_per_microbatch)
         grad_norm = clip_grad_norm(ctx.policy, cfg.optim.grad_clip)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        skipped = int(dist.all_reduce(torch.tensor([skips.total]), "sum").item())
         row = {"train/loss": out["nll_sum"] / max(out["loss_tokens"], 1.0), "train/grad_norm": grad_norm,
                "train/lr": lr, "perf/tokens_per_s": out["tokens"] / dt, "time/train": dt,
-               "mem/peak_gb": peak_memory_gb(ctx.device), "data/skipped": skipped,
+               "mem/peak_gb": peak_memory_gb(ctx.device),
+               "data/skipped": int(dist.reduce_sums({"skipped": skips.total})["skipped"]),
                "data/loss_tokens": out["loss_tokens"]}
-        if step % scfg.log_every == 0 or step == total_steps:
+        if step % sft.log_every == 0 or last:
             ctx.metrics.log("sft", step, row)
         ctx.metrics.update_bar({"loss": row["train/loss"], "tok/s": row["perf/tokens_per_s"]})
-        last = step == total_steps
-        if (scfg.val_every and step % scfg.val_every == 0) or last:
+        if validator.should_validate(step, last):
             if last:
                 ctx.metrics.close_bar()
-            vrow = {"val/loss": val_loss(ctx, encoder, val_table, scfg.max_tokens_per_microbatch, skips)}
-            if scfg.val_generate:  # the GRPO stage's validation settings, so the two stages compare
-                vrow.update(validate(ctx, val_table, temperature=cfg.grpo.val_temperature, n=cfg.grpo.val_n))
-            ctx.metrics.log("sft", step, vrow)
-            log.info("sft step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in vrow.items()))
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
-            ctx.save(step, opt, sched, skips)
+            validator.run(step)
+        checkpointer.save(step, last_step=last)
     ctx.metrics.close_bar()
-    ctx.finish()
-
-
-def sft_export_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "sft" / "hf"
+    checkpointer.export()
+    ctx.close()

@@ -1,32 +1,25 @@
-"""What a stage needs around its loop: the model and processor it starts from, its data tables, the
-rollout engine and reward scorer (built on first use), resume / save / export, and validation.
-
-On disk, per stage: ``<run.dir>/<stage>/checkpoints/step_N`` (resumable), ``<run.dir>/<stage>/hf`` (the
-exported Hugging Face directory the next stage starts from) and ``<run.dir>/<stage>/DONE``.
+"""What a stage's loop works with: the policy (loaded, sharded) and processor it starts from, its data
+tables and encoder, the run's rollout engine (passed in) and the reward scorer, the reference policy.
+Checkpoints are :mod:`rlcs_fast.checkpointer`'s, validation :mod:`rlcs_fast.validation`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import checkpoint, dist
 from .config import Config, stage_lr
 from .data import (
     Columns,
     Encoder,
-    SkipCounter,
     check_columns,
-    encode_many,
     lazy_images,
     load_table,
-    rank_share,
 )
 from .metrics import MetricsLogger
 from .model import (
@@ -34,28 +27,14 @@ from .model import (
     apply_activation_checkpointing,
     apply_fsdp,
     check_cpu_offload,
-    export_hf,
     load_model,
     load_processor,
 )
-from .rollout import engine as rollout_engine
-from .trainer_utils import iter_full_weights, release_cached_memory
+from .rollout.build import SharedEngine, banned_token_ids
+from .rollout.engine import RolloutEngine
+from .trainer_utils import build_optimizer, iter_full_weights, release_cached_memory
 
 log = logging.getLogger("rlcs_fast")
-
-
-# One rollout engine per process for the whole run, reused by every stage: vLLM allows one sleep-mode
-# instance per process, and the SFT stage's validation engine would otherwise still hold its memory
-# pools (and its claim on the process) when the GRPO stage builds its own. Weights are pushed before
-# every generation, so the stage that built it does not matter.
-_process_engine: dict[str, Any] = {}
-
-
-def close_engine() -> None:
-    """End of the run: shut the process's engine down (engines without `shutdown` are just dropped)."""
-    engine = _process_engine.pop("engine", None)
-    if engine is not None and hasattr(engine, "shutdown"):
-        engine.shutdown()
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
@@ -75,19 +54,17 @@ class StageContext:
     world: int
     device: torch.device
     metrics: MetricsLogger
+    engines: SharedEngine | None = None  # the run's rollout engine (the entry point's, or a test's)
     processor: Any = None
     model_config: Any = None
     policy: Policy | None = None
     attention: str = ""
-    step: int = 0
-    _engine: Any = None
     _scorer: Any = None
-    extra_state: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def create(cls, cfg: Config, stage: str, init_path: str, *, rank: int, world: int, device: torch.device,
-               metrics: MetricsLogger) -> StageContext:
-        ctx = cls(cfg, stage, init_path, rank, world, device, metrics)
+               metrics: MetricsLogger, engines: SharedEngine | None = None) -> StageContext:
+        ctx = cls(cfg, stage, init_path, rank, world, device, metrics, engines)
         check_cpu_offload(cfg.model.cpu_offload, device)
         ctx.processor = load_processor(init_path, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
         # offloaded: fully_shard moves one layer at a time through the GPU, the whole model never is there
@@ -130,76 +107,60 @@ class StageContext:
 
     # --- data -------------------------------------------------------------------------------------
     def encoder(self, max_length: int) -> Encoder:
-        d = self.cfg.data
-        return Encoder(self.processor, self.model_config, self.columns, template=d.prompt_template,
-                       system_prompt=d.system_prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
-                       max_length=max_length)
+        data = self.cfg.data
+        return Encoder(self.processor, self.model_config, self.columns, template=data.prompt_template,
+                       system_prompt=data.system_prompt, min_pixels=data.min_pixels,
+                       max_pixels=data.max_pixels, max_length=max_length)
 
     @property
     def columns(self) -> Columns:
-        d = self.cfg.data
-        return Columns(d.image_column, d.problem_column, d.answer_column)
+        data = self.cfg.data
+        return Columns(data.image_column, data.problem_column, data.answer_column)
 
     def load_tables(self, kind: str):
-        d = self.cfg.data
-        train = load_table(d.train, d.train_split, kind=kind, seed=self.cfg.run.seed,
-                           synthetic_size=d.synthetic_train_size, key="data.train")
-        val = load_table(d.val, d.val_split, kind=kind, seed=self.cfg.run.seed,
-                         synthetic_size=d.synthetic_val_size, key="data.val")
-        if d.val_size:
-            val = val.select(range(min(d.val_size, len(val))))
-        for table, src in ((train, d.train), (val, d.val)):
-            check_columns(table, self.columns, source=src)
-        return lazy_images(train, d.image_column), lazy_images(val, d.image_column)
+        data = self.cfg.data
+        train = load_table(data.train, data.train_split, kind=kind, seed=self.cfg.run.seed,
+                           synthetic_size=data.synthetic_train_size, key="data.train")
+        val = load_table(data.val, data.val_split, kind=kind, seed=self.cfg.run.seed,
+                         synthetic_size=data.synthetic_val_size, key="data.val")
+        if data.val_size:
+            val = val.select(range(min(data.val_size, len(val))))
+        for table, source in ((train, data.train), (val, data.val)):
+            check_columns(table, self.columns, source=source)
+        return lazy_images(train, data.image_column), lazy_images(val, data.image_column)
+
+    def optimizer(self, total_steps: int):
+        """AdamW and its schedule over `total_steps` optimizer steps, at this stage's learning rate."""
+        return build_optimizer(self.policy, self.cfg.optim, lr=self.lr, total_steps=total_steps)
 
     # --- engine and rewards -----------------------------------------------------------------------
     @property
-    def engine(self):
-        if self._engine is None and "engine" in _process_engine:
-            self._engine = _process_engine["engine"]
-        if self._engine is None:
-            tok = self.processor.tokenizer
-            r = self.cfg.rollout
-            # make_engine is looked up at call time: tests inject engines
-            self._engine = _process_engine["engine"] = rollout_engine.make_engine(
-                r.engine, self.init_path, device=self.device, batch_size=r.batch_size,
-                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
-                gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
-                max_num_batched_tokens=r.max_num_batched_tokens, enforce_eager=r.enforce_eager,
-                enable_prefix_caching=r.enable_prefix_caching,
-                max_model_len=self.cfg.grpo.max_prompt_length + self.cfg.grpo.max_response_length,
-                seed=self.cfg.run.seed + self.rank, min_pixels=self.cfg.data.min_pixels,
-                max_pixels=self.cfg.data.max_pixels)
-        return self._engine
+    def engine(self) -> RolloutEngine:
+        return self.engines.get(self.init_path, self.processor.tokenizer)
 
     @property
     def scorer(self):
         if self._scorer is None:
             from .rewards import RewardScorer
 
-            r = self.cfg.reward
-            self._scorer = RewardScorer(fn=r.function or None, format_weight=r.format_weight,
-                                        timeout_s=r.timeout_s, num_workers=r.num_workers)
+            reward = self.cfg.reward
+            self._scorer = RewardScorer(fn=reward.function or None, format_weight=reward.format_weight,
+                                        timeout_s=reward.timeout_s, num_workers=reward.num_workers)
         return self._scorer
 
     @property
     def banned_token_ids(self) -> tuple[int, ...]:
-        """Vision placeholders: a response holding one would break the image-token count of the forward."""
-        c = self.model_config
-        return (c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id)
+        return banned_token_ids(self.model_config)
 
-    def sync_engine(self) -> float:
+    def sync_engine(self) -> RolloutEngine:
         """Release the trainer's cached memory, wake the engine, stream the current policy weights into it;
-        returns seconds spent."""
-        import time
-
-        t0 = time.perf_counter()
+        returns the engine, awake and current."""
         dtype = torch.bfloat16 if self.device.type == "cuda" else None
         engine = self.engine
         release_cached_memory()
         engine.wake_up()
-        self.engine.load_weights(iter_full_weights(self.policy.model, dtype))
-        return time.perf_counter() - t0
+        engine.load_weights(iter_full_weights(self.policy.model, dtype))
+        return engine
 
     def reference_policy(self) -> Policy:
         """The frozen initial policy for the KL term, sharded like the policy, held in the compute dtype
@@ -215,76 +176,7 @@ class StageContext:
             apply_fsdp(ref, mixed_precision=self.mixed_precision, cpu_offload=offload, reshard_root=True)
         return ref
 
-    # --- checkpoints ------------------------------------------------------------------------------
-    def resume(self, opt, sched, skips: SkipCounter) -> int:
-        """Continue from the newest complete checkpoint of this stage when `run.resume` says so."""
-        root = self.dir / "checkpoints"
-        checkpoint.check_shared(root)
-        checkpoint.clean_partial(root)
-        resume = self.cfg.run.resume
-        path = None if resume == "never" else checkpoint.latest_checkpoint(root) if resume == "auto" else Path(resume)
-        if path is None:
-            self.metrics.truncate_after(self.stage, 0)
-            return 0
-        extra = checkpoint.load(path, self.policy, opt)
-        sched.load_state_dict(extra["scheduler"])
-        if checkpoint.saved_world_size(path) == self.world:
-            skips.load_state(extra.get("skips", {}))
-        elif self.rank == 0:  # another world size: all saved ranks' skipped rows on rank 0, the sum is kept
-            for saved in checkpoint.saved_extras(path):
-                skips.load_state(saved.get("skips", {}))
-        self.extra_state = extra.get("stage_state", {})
-        self.step = int(extra["step"])
-        self.metrics.truncate_after(self.stage, self.step)
-        log.info("%s: resumed from %s (step %d)", self.stage, path, self.step)
-        return self.step
-
-    def save(self, step: int, opt, sched, skips: SkipCounter, stage_state: dict | None = None) -> None:
-        extra = {"step": step, "scheduler": sched.state_dict(), "skips": skips.state(),
-                 "stage_state": stage_state or {}}
-        checkpoint.save(self.dir / "checkpoints", step, self.policy, opt, extra, keep=self.cfg.checkpoint.keep)
-
-    def finish(self) -> Path:
-        """Export the stage's model as a Hugging Face directory and mark the stage done."""
-        out = export_hf(self.policy, self.processor, self.dir / "hf")
-        if self.rank == 0:
-            (self.dir / "DONE").write_text(json.dumps({"export": str(out)}))
-        dist.barrier()
+    def close(self) -> None:
+        """End of the stage: stop the reward workers (the engine is the run's, it lives on)."""
         if self._scorer is not None:
             self._scorer.close()
-        log.info("%s: done, model exported to %s", self.stage, out)
-        return out
-
-
-def ground_truth(answer: str) -> str:
-    """The reference answer of a row: its last \\boxed{} content when it holds a full solution (the
-    cold-start schema), else the answer itself (the RL schema)."""
-    from .rewards import extract_boxed
-
-    boxed = extract_boxed(answer)
-    return boxed if boxed is not None else answer.strip()
-
-
-@torch.no_grad()
-def validate(ctx: StageContext, table, *, temperature: float, n: int) -> dict[str, float]:
-    """Generate on the validation rows (this rank's share), score with the reward, average over ranks.
-    The generate-and-score core is `eval.generate_and_score`, so `python -m rlcs_fast.eval` on the
-    exported checkpoint reproduces these numbers."""
-    from .eval import generate_and_score, val_sampling
-
-    g = ctx.cfg.grpo
-    encoder = ctx.encoder(max_length=g.max_prompt_length)
-    skips = SkipCounter()
-    idx = rank_share(list(range(len(table))), ctx.rank, ctx.world)
-    prompts = encode_many(lambda row, i: encoder.prompt(row, i), ((table[i], i) for i in idx), skips, "data.val")
-    ctx.sync_engine()
-    sampling = val_sampling(n=n, temperature=temperature, top_p=g.top_p, max_tokens=g.max_response_length,
-                            seed=ctx.cfg.run.seed, rank=ctx.rank, banned_token_ids=ctx.banned_token_ids)
-    records = generate_and_score(ctx.engine, ctx.processor.tokenizer, prompts, sampling, ctx.scorer)
-    ctx.engine.sleep()
-    sums = torch.tensor([sum(r["accuracy"] for r in records), sum(r["format"] for r in records),
-                         sum(r["overall"] for r in records), len(records)], dtype=torch.float64)
-    dist.all_reduce(sums)
-    count = max(float(sums[3]), 1.0)
-    return {"val/accuracy": float(sums[0]) / count, "val/format": float(sums[1]) / count,
-            "val/reward": float(sums[2]) / count}

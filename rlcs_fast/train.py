@@ -14,12 +14,15 @@ from . import dist
 from .config import ConfigError, dump_toml, parse_args, to_dict
 from .metrics import MetricsLogger, setup_logging
 from .model import resolve_model_path
-from .stage import StageContext, close_engine, stage_dir, stage_done
+from .rollout.build import SharedEngine, build_engine
+from .rollout.engine import RolloutEngine
+from .stage import StageContext, stage_dir, stage_done
 
 log = logging.getLogger("rlcs_fast")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, engine: RolloutEngine | None = None) -> int:
+    """``engine``: a rollout engine to use instead of building one from ``rollout`` (a test's)."""
     try:
         cfg, flags = parse_args(argv, extra_flags=("dry-run",))
     except ConfigError as e:
@@ -42,13 +45,21 @@ def main(argv: list[str] | None = None) -> int:
     metrics = MetricsLogger(run_dir, rank=rank, progress=cfg.log.progress, tensorboard=cfg.log.tensorboard,
                             wandb_project=cfg.log.wandb_project, config=to_dict(cfg))
     init_path = resolve_model_path(cfg.model.path, tiny_seed=cfg.model.tiny_seed)
+
+    def build(model_path: str, tokenizer) -> RolloutEngine:
+        return build_engine(cfg.rollout, model_path, tokenizer=tokenizer, device=device,
+                            max_model_len=cfg.grpo.max_prompt_length + cfg.grpo.max_response_length,
+                            seed=cfg.run.seed + rank, min_pixels=cfg.data.min_pixels,
+                            max_pixels=cfg.data.max_pixels)
+
+    engines = SharedEngine(engine=engine) if engine is not None else SharedEngine(build)
     try:
         for stage in cfg.run.stages:
             if cfg.run.resume == "auto" and stage_done(run_dir, stage):
                 log.info("%s: already done in %s, skipping", stage, stage_dir(run_dir, stage))
             else:
                 ctx = StageContext.create(cfg, stage, init_path, rank=rank, world=world, device=device,
-                                          metrics=metrics)
+                                          metrics=metrics, engines=engines)
                 if stage == "sft":
                     from .sft import run_sft
 
@@ -60,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
                 del ctx
             init_path = str(stage_dir(run_dir, stage) / "hf")
     except BaseException:
-        close_engine()
+        engines.close()
         metrics.close()
         dist.shutdown(wait=False)
         raise
-    close_engine()
+    engines.close()
     metrics.close()
     dist.shutdown()
     return 0

@@ -12,41 +12,41 @@ import torch
 from torch import nn
 
 from . import dist
-from .packing import Sample, mrope_positions, plan_microbatches
+from .config import OptimConfig
+from .packing import Sample, mrope_positions, plan_microbatches, smallest_image
 
 
-def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: list[float], eps: float,
-                    warmup_ratio: float, schedule: str, min_lr_ratio: float, total_steps: int):
+def build_optimizer(model: nn.Module, optim: OptimConfig, *, lr: float, total_steps: int):
+    """AdamW over the trainable parameters (`optim`'s settings at learning rate `lr`) and its warmup +
+    cosine-or-constant schedule over `total_steps` optimizer steps."""
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]  # no decay on norms and biases, as HF and verl do
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas), eps=eps)
-    warmup = int(round(warmup_ratio * total_steps))
-    if schedule == "cosine":
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(optim.betas),
+                            eps=optim.eps)
+    warmup = int(round(optim.warmup_ratio * total_steps))
+    if optim.schedule == "cosine":
         sched = get_scheduler("cosine_with_min_lr", opt, num_warmup_steps=warmup, num_training_steps=total_steps,
-                              scheduler_specific_kwargs={"min_lr_rate": min_lr_ratio})
+                              scheduler_specific_kwargs={"min_lr_rate": optim.min_lr_ratio})
     else:
         sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=warmup)
     return opt, sched
 
 
 def dummy_image_sample(model_config) -> Sample:
-    """A 3-token sequence holding the smallest image (grid 1x2x2, one merged token) and no targets.
+    """A 3-token sequence holding the smallest image (one merged token) and no targets.
 
     Under FSDP2 every rank must run the same modules: a micro-batch without images on one rank would
     skip the vision tower's all-gathers that the other ranks wait on. Added to such micro-batches, it
     keeps the collectives in step and contributes exactly zero loss and zero gradient."""
-    vc = model_config.vision_config
     ids = torch.tensor([model_config.vision_start_token_id, model_config.image_token_id,
                         model_config.vision_end_token_id])
-    grid = torch.tensor([[1, 2, 2]])
-    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    pixels, grid = smallest_image(model_config.vision_config)
     return Sample(input_ids=ids, target_mask=torch.zeros(3, dtype=torch.bool),
-                  position_ids=mrope_positions(model_config, ids, grid),
-                  pixel_values=torch.zeros(4, patch_dim), image_grid_thw=grid)
+                  position_ids=mrope_positions(model_config, ids, grid), pixel_values=pixels, image_grid_thw=grid)
 
 
 def plan_step(samples: list, lengths: list[int], max_tokens: int, filler) -> tuple[list[list], int]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlcs_fast.grpo import dynamic_sampling_mask, group_advantages, overlong_penalty
+from rlcs_fast.advantages import dynamic_sampling_mask, group_advantages, overlong_penalty
 
 # The math reward's values: ties inside a group are the common case, not an edge case.
 REWARD_LEVELS = torch.tensor([0.0, 0.1, 0.9, 1.0], dtype=torch.float64)

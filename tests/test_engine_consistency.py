@@ -39,7 +39,7 @@ def test_engine_logprobs_equal_trainer_logprobs_with_images():
     n = 2
     sampling = SamplingParams(n=n, temperature=0.7, max_tokens=12, logprobs=True, seed=1)
     completions = engine.generate(prompts, sampling)
-    rollouts = build_rollouts(prompts, completions, [{}] * len(completions), torch.zeros(len(completions)), n)
+    rollouts = build_rollouts(prompts, completions, torch.zeros(len(completions)), n)
     assert len(rollouts) == len(prompts) * n
 
     model, _ = load_model(path, device="cpu")

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_engine import FakeEngine, tensor_checksum
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 import rlcs_fast.grpo as grpo
 import rlcs_fast.stage as stage_module
 from rlcs_fast import train
+from rlcs_fast.checkpointer import Checkpointer
 from rlcs_fast.config import DataConfig
 from rlcs_fast.data import Columns, Encoder
 from rlcs_fast.model import load_processor
-from rlcs_fast.rollout import engine as rollout_engine
 from rlcs_fast.rollout.engine import SamplingParams
-from rlcs_fast.rollout.fake_engine import FakeEngine, tensor_checksum
 from rlcs_fast.rollout.vllm_engine import check_alloc_conf, collapse_image_pads, vllm_prompt, vllm_weight_name
 from rlcs_fast.stage import StageContext
 from rlcs_fast.tiny import SPECIAL_IDS, tiny_path
@@ -167,14 +167,9 @@ def test_fake_engine_enforces_vllm_state_machine(fake):
 
 # --- the GRPO loop with the fake engine --------------------------------------------------------------
 
-def _run_grpo(tmp_path: Path, monkeypatch, engines: list, *extra: str) -> int:
-    def make_fake(kind, model_path, *, device, batch_size, eos_token_id, pad_token_id, **_vllm_kwargs):
-        engines.append(FakeEngine(model_path, device=device, batch_size=batch_size, eos_token_id=eos_token_id,
-                                  pad_token_id=pad_token_id))
-        return engines[-1]
-
-    monkeypatch.setattr(rollout_engine, "make_engine", make_fake)
-    return train.main(["--cfg", CONFIG, "--run.dir", str(tmp_path / "run"), *SMALL, *extra])
+def _run_grpo(tmp_path: Path, engines: list, *extra: str) -> int:
+    engines.append(FakeEngine(str(tiny_path()), batch_size=8, eos_token_id=EOS, pad_token_id=PAD))
+    return train.main(["--cfg", CONFIG, "--run.dir", str(tmp_path / "run"), *SMALL, *extra], engine=engines[-1])
 
 
 def _checksums(model: torch.nn.Module) -> dict[str, str]:
@@ -184,11 +179,11 @@ def _checksums(model: torch.nn.Module) -> dict[str, str]:
 def test_grpo_loop_pushes_current_weights_each_step(tmp_path, monkeypatch):
     updated: list[dict[str, str]] = []  # the policy's weights after each optimizer update
     initial: list[dict[str, str]] = []
-    real_update, real_resume = grpo.update, StageContext.resume
+    real_update, real_resume = grpo.update, Checkpointer.resume
 
-    def resume(self, *args, **kwargs):
-        out = real_resume(self, *args, **kwargs)
-        initial.append(_checksums(self.policy.model))
+    def resume(self):
+        out = real_resume(self)
+        initial.append(_checksums(self.ctx.policy.model))
         return out
 
     def update(ctx, *args, **kwargs):
@@ -196,10 +191,10 @@ def test_grpo_loop_pushes_current_weights_each_step(tmp_path, monkeypatch):
         updated.append(_checksums(ctx.policy.model))
         return out
 
-    monkeypatch.setattr(StageContext, "resume", resume)
+    monkeypatch.setattr(Checkpointer, "resume", resume)
     monkeypatch.setattr(grpo, "update", update)
     engines: list[FakeEngine] = []
-    assert _run_grpo(tmp_path, monkeypatch, engines) == 0
+    assert _run_grpo(tmp_path, engines) == 0
     (fake,) = engines
 
     # validation at step 0, steps 1 and 2, validation at the end: each one full sync cycle; then shut down
@@ -216,22 +211,22 @@ def test_grpo_loop_pushes_current_weights_each_step(tmp_path, monkeypatch):
 
 
 def test_grpo_loop_that_forgets_the_push_fails(tmp_path, monkeypatch):
-    def sync_without_push(self) -> float:
+    def sync_without_push(self):
         engine = self.engine
         release_cached_memory()
         engine.wake_up()
-        return 0.0
+        return engine
 
     monkeypatch.setattr(StageContext, "sync_engine", sync_without_push)
     with pytest.raises(RuntimeError, match="without a weight push"):
-        _run_grpo(tmp_path, monkeypatch, [])
+        _run_grpo(tmp_path, [])
 
 
 def test_grpo_loop_that_keeps_the_allocator_cache_before_a_wake_fails(tmp_path, monkeypatch):
     """On a GPU the wake after the first update runs out of memory: the cache holds the training peak."""
     monkeypatch.setattr(stage_module, "release_cached_memory", lambda: None)
     with pytest.raises(RuntimeError, match="cached allocator blocks"):
-        _run_grpo(tmp_path, monkeypatch, [])
+        _run_grpo(tmp_path, [])
 
 
 @pytest.mark.slow
@@ -241,7 +236,7 @@ def test_sft_then_grpo_share_one_engine(tmp_path, monkeypatch):
     engines: list[FakeEngine] = []
     two_stages = ["--run.stages", '["sft", "grpo"]', "--sft.steps", "1", "--sft.global_batch_size", "2",
                   "--sft.val_generate", "true", "--grpo.val_before_train", "false"]
-    assert _run_grpo(tmp_path, monkeypatch, engines, *two_stages) == 0
+    assert _run_grpo(tmp_path, engines, *two_stages) == 0
     (fake,) = engines
     # SFT's validation, GRPO's steps 1 and 2, GRPO's final validation
     assert fake.calls == ["sleep(2)"] + SYNC * 4 + ["shutdown"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rlcs_fast.config import load_config
+from rlcs_fast.config import OptimConfig, load_config
 from rlcs_fast.grpo import Rollout, compute_logprobs, update
 from rlcs_fast.metrics import MetricsLogger
 from rlcs_fast.model import resolve_model_path
@@ -31,7 +31,7 @@ def _rollouts(ctx, n_per_sign: int = 3) -> list[Rollout]:
         target = torch.zeros(ids.numel(), dtype=torch.bool)
         target[p.prompt_ids.numel():] = True
         s = Sample(ids, target, extend_positions(p.position_ids, resp.numel()), p.pixel_values, p.image_grid_thw)
-        out.append(Rollout(s, 1.0 if i % 2 == 0 else -1.0, {"overall": 0.0}, None))
+        out.append(Rollout(s, 1.0 if i % 2 == 0 else -1.0, None))
     return out
 
 
@@ -49,9 +49,8 @@ def test_update_raises_positive_and_lowers_negative_advantage(tmp_path):
     before = compute_logprobs(ctx.policy, rollouts, ctx=ctx, max_tokens=400, temperature=g.temperature)
     for r, lp in zip(rollouts, before):
         r.old_logprobs = lp
-    opt, sched = build_optimizer(ctx.policy, lr=1e-3, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8,
-                                 warmup_ratio=0.0, schedule="constant", min_lr_ratio=0.0, total_steps=1)
-    stats = update(ctx, rollouts, opt, sched, g, with_ref=False)
+    opt, sched = build_optimizer(ctx.policy, OptimConfig(schedule="constant"), lr=1e-3, total_steps=1)
+    stats = update(ctx, rollouts, opt, sched, with_ref=False)
     assert stats["actor/clip_frac"] == 0.0 and abs(stats["actor/ratio_mean"] - 1.0) < 1e-6
     after = compute_logprobs(ctx.policy, rollouts, ctx=ctx, max_tokens=400, temperature=g.temperature)
     for r, b, a in zip(rollouts, before, after):
@@ -69,8 +68,7 @@ def test_update_gradient_does_not_depend_on_token_budget(tmp_path):
         for r, lp in zip(rollouts, compute_logprobs(ctx.policy, rollouts, ctx=ctx, max_tokens=budget,
                                                     temperature=g.temperature)):
             r.old_logprobs = lp + 0.05  # off-policy, so clipping is exercised too
-        opt, sched = build_optimizer(ctx.policy, lr=0.0, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8,
-                                     warmup_ratio=0.0, schedule="constant", min_lr_ratio=0.0, total_steps=1)
+        opt, sched = build_optimizer(ctx.policy, OptimConfig(schedule="constant"), lr=0.0, total_steps=1)
         captured = {}
         orig_step = opt.step
 
@@ -79,7 +77,7 @@ def test_update_gradient_does_not_depend_on_token_budget(tmp_path):
             return _step(*a, **k)
 
         opt.step = capture
-        update(ctx, rollouts, opt, sched, g, with_ref=False)
+        update(ctx, rollouts, opt, sched, with_ref=False)
         grads.append(captured)
     for other in grads[1:]:
         for name, grad in grads[0].items():
@@ -87,9 +85,7 @@ def test_update_gradient_does_not_depend_on_token_budget(tmp_path):
 
 
 def _step_grads(ctx, rollouts, on_policy: bool):
-    g = ctx.cfg.grpo
-    opt, sched = build_optimizer(ctx.policy, lr=0.0, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8,
-                                 warmup_ratio=0.0, schedule="constant", min_lr_ratio=0.0, total_steps=1)
+    opt, sched = build_optimizer(ctx.policy, OptimConfig(schedule="constant"), lr=0.0, total_steps=1)
     captured = {}
     orig_step = opt.step
 
@@ -98,7 +94,7 @@ def _step_grads(ctx, rollouts, on_policy: bool):
         return orig_step(*a, **k)
 
     opt.step = capture
-    stats = update(ctx, rollouts, opt, sched, g, with_ref=False, on_policy=on_policy)
+    stats = update(ctx, rollouts, opt, sched, with_ref=False, on_policy=on_policy)
     return stats, captured
 
 

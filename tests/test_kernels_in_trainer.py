@@ -118,9 +118,8 @@ def grpo_batch(setup):
     completions = [Completion(p.prompt_ids.tolist(), torch.randint(0, vocab, (int(k),), generator=g).tolist(),
                               None, "length")
                    for p in prompts for k in torch.randint(6, 14, (n,), generator=g)]
-    scores = [{"overall": 1.0, "format": 1.0, "accuracy": 1.0}] * len(completions)
     advantages = torch.tensor([1.0, -1.0, -0.5, 0.7])
-    rollouts = build_rollouts(prompts, completions, scores, advantages, n)
+    rollouts = build_rollouts(prompts, completions, advantages, n)
     batch = pack([r.sample for r in rollouts], policy.model.config.vision_config)
     index = batch.loss_mask.nonzero().squeeze(-1)
     targets, seq_ids = batch.targets[index], batch.seq_ids[index]

@@ -88,7 +88,7 @@ def test_reference_model_is_compute_dtype_and_resharded_after_logprobs(one_rank_
     ctx.model_config = ref.model.config
     for name, p in ref.named_parameters():
         assert isinstance(p, DTensor) and p.to_local().dtype == torch.bfloat16, (name, type(p), p.dtype)
-    rollouts = [Rollout(_text_sample(ctx.model_config, seed=s), 0.0, {}, None) for s in range(3)]
+    rollouts = [Rollout(_text_sample(ctx.model_config, seed=s), 0.0, None) for s in range(3)]
     logprobs = compute_logprobs(ref, rollouts, ctx=ctx, max_tokens=64, temperature=1.0)
     assert [lp.shape for lp in logprobs] == [(6,)] * 3 and all(torch.isfinite(lp).all() for lp in logprobs)
     gathered = [name for name, p in ref.named_parameters() if not isinstance(p, DTensor)]

@@ -10,7 +10,7 @@ import pytest
 from bench_fixtures import write_fixtures
 
 from rlcs_fast import eval as rl_eval
-from rlcs_fast.rollout import engine as engine_module
+from rlcs_fast.rollout.hf_engine import HFEngine
 
 BENCHES = ("mathvista", "mathverse", "mathvision", "wemath")
 
@@ -46,20 +46,13 @@ def _argv(fixtures, out, limit):
 @pytest.mark.slow
 def test_suite_writes_the_table_and_resumes(fixtures, tmp_path, monkeypatch):
     generated: list[int] = []
-    make_engine = engine_module.make_engine
+    generate = HFEngine.generate
 
-    def counting_engine(*args, **kwargs):
-        engine = make_engine(*args, **kwargs)
-        generate = engine.generate
+    def counted(self, prompts, sampling):
+        generated.extend(p.index for p in prompts)
+        return generate(self, prompts, sampling)
 
-        def counted(prompts, sampling):
-            generated.extend(p.index for p in prompts)
-            return generate(prompts, sampling)
-
-        engine.generate = counted
-        return engine
-
-    monkeypatch.setattr(engine_module, "make_engine", counting_engine)
+    monkeypatch.setattr(HFEngine, "generate", counted)
     out = tmp_path / "out"
     # a run stopped after two rows of each benchmark ...
     assert rl_eval.main(_argv(fixtures, out, 2)) == 0

@@ -114,8 +114,10 @@ def run_model(
     A model without a run config of its own (the base model) takes ``fallback_config``'s settings."""
     from ..config import Config, load_config
     from ..data import Columns, Encoder, SkipSample
-    from ..eval import banned_token_ids, load_for_eval, resolve_settings, run_settings, val_sampling
+    from ..eval import load_for_eval, resolve_settings, run_settings
     from ..rewards import RewardScorer
+    from ..rollout.build import banned_token_ids
+    from ..validation import val_sampling
 
     cfg, cfg_path = run_settings(model_dir) if Path(model_dir).is_dir() else (None, None)
     if cfg_path is None and fallback_config is not None:

@@ -52,28 +52,3 @@ class RolloutEngine(Protocol):
     def sleep(self) -> None: ...
 
     def wake_up(self) -> None: ...
-
-
-def make_engine(kind: str, model_path: str, *, device: torch.device, batch_size: int, eos_token_id: int,
-                pad_token_id: int, **vllm_kwargs) -> RolloutEngine:
-    """`rollout.engine` → an engine; vLLM falls back to the HF engine (said once at start) when the
-    package is missing. `vllm_kwargs` go to `VLLMEngine` only. Tests inject another engine by replacing
-    this module attribute (the stage looks it up here at first use)."""
-    if kind == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            import logging
-
-            logging.getLogger("rlcs_fast").warning(
-                "rollout.engine = \"vllm\" but vllm is not installed (pip install 'rlcs-fast[vllm]'): "
-                "using the transformers engine")
-            kind = "hf"
-        else:
-            from .vllm_engine import VLLMEngine
-
-            return VLLMEngine(model_path, eos_token_id=eos_token_id, **vllm_kwargs)
-    from .hf_engine import HFEngine
-
-    return HFEngine(model_path, device=device, batch_size=batch_size, eos_token_id=eos_token_id,
-                    pad_token_id=pad_token_id)

@@ -14,8 +14,7 @@ What it enforces, as vLLM does (or as vLLM silently gets wrong, which is why it 
 It records every call (`calls`) and a SHA-256 checksum of every pushed tensor (`pushes`, one dict per
 `load_weights`), so a test can compare what reached the engine with the policy's weights.
 
-Injected in tests by replacing `rlcs_fast.rollout.engine.make_engine` (the stage builds its engine
-through that module attribute)."""
+A test hands it to the run: `rlcs_fast.train.main(argv, engine=FakeEngine(...))`."""
 
 from __future__ import annotations
 
@@ -24,10 +23,10 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ..trainer_utils import allocator_releases
-from .engine import Completion, Request, SamplingParams
-from .hf_engine import HFEngine
-from .vllm_engine import SLEEP_TAGS, vllm_weight_name
+from rlcs_fast.rollout.engine import Completion, Request, SamplingParams
+from rlcs_fast.rollout.hf_engine import HFEngine
+from rlcs_fast.rollout.vllm_engine import SLEEP_TAGS, vllm_weight_name
+from rlcs_fast.trainer_utils import allocator_releases
 
 
 def tensor_checksum(t: torch.Tensor) -> str:

@@ -1,0 +1,77 @@
+"""A stage's checkpoints: resume from the newest complete one, save (and decide when), export the final
+model. The file format and atomic writes are :mod:`rlcs_fast.checkpoint`'s.
+
+On disk, per stage: ``<run.dir>/<stage>/checkpoints/step_N`` (resumable), ``<run.dir>/<stage>/hf`` (the
+exported Hugging Face directory the next stage starts from) and ``<run.dir>/<stage>/DONE``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from . import checkpoint, dist
+from .data import SkipCounter
+from .model import export_hf
+
+log = logging.getLogger("rlcs_fast")
+
+
+class Checkpointer:
+    """Everything a resumed stage needs back: the policy, the optimizer, the schedule and the skipped
+    rows (summed on rank 0 when the world size changed)."""
+
+    def __init__(self, ctx, opt, sched, skips: SkipCounter):
+        self.ctx, self.opt, self.sched, self.skips = ctx, opt, sched, skips
+        self.every, self.keep = ctx.cfg.checkpoint.every, ctx.cfg.checkpoint.keep
+        self.root = ctx.dir / "checkpoints"
+
+    def resume(self) -> int:
+        """The step to continue after: that of the newest complete checkpoint when `run.resume` says so,
+        else 0. Metrics logged after it (by the run that stopped) are dropped."""
+        ctx = self.ctx
+        checkpoint.check_shared(self.root)
+        checkpoint.clean_partial(self.root)
+        resume = ctx.cfg.run.resume
+        if resume == "never":
+            path = None
+        elif resume == "auto":
+            path = checkpoint.latest_checkpoint(self.root)
+        else:
+            path = Path(resume)
+        if path is None:
+            ctx.metrics.truncate_after(ctx.stage, 0)
+            return 0
+        extra = checkpoint.load(path, ctx.policy, self.opt)
+        self.sched.load_state_dict(extra["scheduler"])
+        if checkpoint.saved_world_size(path) == ctx.world:
+            self.skips.load_state(extra.get("skips", {}))
+        elif ctx.rank == 0:  # another world size: all saved ranks' skipped rows on rank 0, the sum is kept
+            for saved in checkpoint.saved_extras(path):
+                self.skips.load_state(saved.get("skips", {}))
+        step = int(extra["step"])
+        ctx.metrics.truncate_after(ctx.stage, step)
+        log.info("%s: resumed from %s (step %d)", ctx.stage, path, step)
+        return step
+
+    def should_save(self, step: int, last_step: bool) -> bool:
+        return last_step or bool(self.every and step % self.every == 0)
+
+    def save(self, step: int, *, last_step: bool = False) -> Path | None:
+        """Write a checkpoint after `step` when it is due (every `checkpoint.every` steps and at the last);
+        returns its path, or None when none was due."""
+        if not self.should_save(step, last_step):
+            return None
+        extra = {"step": step, "scheduler": self.sched.state_dict(), "skips": self.skips.state()}
+        return checkpoint.save(self.root, step, self.ctx.policy, self.opt, extra, keep=self.keep)
+
+    def export(self) -> Path:
+        """Export the stage's model as a Hugging Face directory and mark the stage done."""
+        ctx = self.ctx
+        out = export_hf(ctx.policy, ctx.processor, ctx.dir / "hf")
+        if ctx.rank == 0:
+            (ctx.dir / "DONE").write_text(json.dumps({"export": str(out)}))
+        dist.barrier()
+        log.info("%s: done, model exported to %s", ctx.stage, out)
+        return out
