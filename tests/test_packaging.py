@@ -1,12 +1,11 @@
 """Packaging (DESIGN.md "Packaging"): ``kernels/`` at the repository root is ``rlcs_fast.kernels``.
 
-A top-level folder named ``kernels`` is also what transformers finds when it probes for the PyPI package
-``kernels`` whenever the repository root is on ``sys.path`` (``python -m``/``torchrun -m`` from a
-checkout). Each case runs in a fresh interpreter so that ``sys.path`` is exactly what a user gets:
-editable and regular installs, run from the repository root and from elsewhere, with and without a
-distribution named ``kernels`` installed. The probe imports transformers' Qwen2.5-VL class (what the
-shadowing used to break), the trainer's modules, and runs ``rlcs_fast.kernels.fused_linear_logprob``
-against a float64 log-softmax so that "importable" means "the real kernels module, working".
+How, and why a top-level ``kernels`` steps aside: the docstring of ``rlcs_fast/__init__.py``. Each case
+runs in a fresh interpreter so that ``sys.path`` is exactly what a user gets: editable and regular
+installs, run from the repository root and from elsewhere, with and without a distribution named
+``kernels`` installed. The probe imports transformers' Qwen2.5-VL class (what the shadowing used to
+break), the trainer's modules, and runs ``rlcs_fast.kernels.fused_linear_logprob`` against a float64
+log-softmax so that "importable" means "the real kernels module, working".
 """
 
 from __future__ import annotations
