@@ -63,8 +63,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
     def forward(
         ctx, hidden, weight, targets, old, adv, mask, ref, w, opts, inv_temp, with_entropy, via_triton, chunk
     ):  # fmt: skip
-        N, H = hidden.shape
-        V = weight.shape[0]
+        N, V = hidden.shape[0], weight.shape[0]
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty_like(hidden) if need_dh else None
         # fp32 accumulator across chunks (fp64 for the fp64 reference): one rounding to the weight dtype.

@@ -52,14 +52,6 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
-def all_gather_object(obj):
-    if not is_dist():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def broadcast_object(obj, src: int = 0):
     if not is_dist():
         return obj
