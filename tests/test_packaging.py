@@ -19,9 +19,13 @@ import site
 import subprocess
 import sys
 import textwrap
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.slow  # fresh interpreters, virtual environments and pip installs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,10 +110,22 @@ def _pip_install(src: Path, target: Path) -> None:
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
+def _editable_install_of(root: Path) -> bool:
+    """An installed rlcs-fast is an editable install of ``root`` (its PEP 610 ``direct_url.json``); a
+    regular install with the checkout on PYTHONPATH imports from the checkout too, but is not one."""
+    for dist in importlib.metadata.distributions(name="rlcs-fast"):
+        info = json.loads(dist.read_text("direct_url.json") or "{}")
+        url = urllib.parse.urlparse(info.get("url", ""))
+        if info.get("dir_info", {}).get("editable") and url.scheme == "file":
+            if Path(urllib.request.url2pathname(url.path)).resolve() == root.resolve():
+                return True
+    return False
+
+
 @pytest.fixture(scope="module")
 def editable() -> None:
     spec = importlib.util.find_spec("rlcs_fast")
-    if spec is None or not _is_under(spec.origin, REPO):
+    if spec is None or not _is_under(spec.origin, REPO) or not _editable_install_of(REPO):
         pytest.skip("rlcs_fast here is not an editable install of this checkout")
 
 
