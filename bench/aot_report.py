@@ -62,6 +62,7 @@ def _kernels() -> list[dict]:
         return torch.empty(1, dtype=dtype, device="meta")
 
     bf, f32, i64, u8 = t(torch.bfloat16), t(torch.float32), t(torch.int64), t(torch.uint8)
+    bucket = _common.token_bucket
     N, H, V = N_TOKENS, HIDDEN, VOCAB
     # triton_stats' vocabulary split on an H100 (a multiple of 256, as there).
     splits = max(1, min(triton.cdiv(V, 2048), triton.cdiv(2 * N_SM, triton.cdiv(N, 128))))
@@ -73,9 +74,9 @@ def _kernels() -> list[dict]:
                    g_ent_ptr=f32, dl_ptr=bf, N=N, V=V, H=H, inv_temp=1.0,
                    stride_hn=H, stride_wv=H, stride_ln=V, stride_dn=V)  # fmt: skip
     # dh = dlogits @ W; dW (+)= dlogits^T @ h (the transposed view: unit stride along M).
-    mm_dh = dict(a_ptr=bf, b_ptr=bf, c_ptr=bf, M=N, N=H, K=V,
+    mm_dh = dict(a_ptr=bf, b_ptr=bf, c_ptr=bf, M=N, N=H, K=V, M_BUCKET=bucket(N), K_BUCKET=bucket(V),
                  stride_am=V, stride_ak=1, stride_bk=H, stride_bn=1, stride_cm=H, stride_cn=1)  # fmt: skip
-    mm_dw = dict(a_ptr=bf, b_ptr=bf, c_ptr=f32, M=V, N=H, K=N,
+    mm_dw = dict(a_ptr=bf, b_ptr=bf, c_ptr=f32, M=V, N=H, K=N, M_BUCKET=bucket(V), K_BUCKET=bucket(N),
                  stride_am=1, stride_ak=V, stride_bk=H, stride_bn=1, stride_cm=H, stride_cn=1)  # fmt: skip
     grpo_args = dict(lp_ptr=f32, old_ptr=f32, adv_ptr=f32, mask_ptr=u8, w_ptr=f32, ref_ptr=f32, grad_ptr=f32,
                      part_ptr=f32, N=N, num_programs=2, clip_low=0.2, clip_high=0.2, clip_dual=3.0,

@@ -103,6 +103,11 @@ def bench_run(request: pytest.FixtureRequest) -> BenchRun:
     return run
 
 
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    # Rewritten after every benchmark, so a run killed at a time limit (bench/gpu_check.py) keeps its records.
+    pytest_sessionfinish(item.session, 0)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     run: BenchRun | None = getattr(session.config, "_rlcs_bench_run", None)
     if run is None or not run.records:

@@ -122,6 +122,18 @@ MATMUL_CONFIGS = [
 ]
 _ACCUMULATE_MAX_ACC_REGS = 64
 
+# The autotune key. The token count of a micro-batch (M of dh = dlogits @ W, K of dW = dlogitsᵀ @ h) changes
+# with nearly every micro-batch; keyed on exact M and K the autotuner re-benchmarked every config each time
+# (≈ 0.75 s per micro-batch at 7B). What moves the best config is the order of magnitude of the token count
+# (how many tile rows fill the SMs, how long the K loop runs), so M and K enter the key as their next power
+# of two (``token_bucket``): at most log2(chunk / 16) + 1 tunings per GEMM shape over a whole run.
+MATMUL_TUNE_KEY = ["M_BUCKET", "N", "K_BUCKET"]
+
+
+def token_bucket(n: int) -> int:
+    """The autotune key of a token-count dimension: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
+
 
 def matmul_configs(accumulate: bool) -> list[triton.Config]:
     """The spill-free ``MATMUL_CONFIGS`` of the plain (C = A·B) or accumulating (C += A·B) kernel."""
@@ -133,15 +145,18 @@ def matmul_configs(accumulate: bool) -> list[triton.Config]:
     ]  # fmt: skip
 
 
-def _prune_matmul_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    keep = {id(c) for c in matmul_configs(bool(kwargs.get("ACCUMULATE", named_args.get("ACCUMULATE"))))}
-    return [c for c in configs if id(c) in keep]
+# C += A·B is never autotuned: a trial run reads and writes C, so tuning it needs a copy of C restored
+# after every trial (``restore_value``), and C is the fp32 dW (2.3 GiB at 7B), cloned at the memory peak.
+# The spill-free configs it may run differ only in pipeline depth, so it runs the first of them; the
+# non-accumulating variant, which overwrites C and can be re-run freely, is the one that is tuned.
+ACCUMULATE_CONFIG: triton.Config = matmul_configs(True)[0]
 
 
 @triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, c_ptr,
     M, N, K,
+    M_BUCKET, K_BUCKET,  # autotune key only (token_bucket of M and K)
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     ACCUMULATE: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -190,12 +205,13 @@ def _matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-# ACCUMULATE reads C: the autotuner's trial runs must not compound into it. ACCUMULATE is part of the key:
-# dW's first chunk (C = A·B) and later chunks (C += A·B) share M, N, K but not the config set.
-_matmul_tuned = autotuned(
-    _matmul_kernel, MATMUL_CONFIGS, key=["M", "N", "K", "ACCUMULATE"], restore_value=["c_ptr"],
-    prune_configs_by={"early_config_prune": _prune_matmul_configs},
-)  # fmt: skip
+def matmul_autotuner(do_bench: Callable | None = None):
+    """The autotuned C = A·B kernel (keyed by ``MATMUL_TUNE_KEY``); ``do_bench`` replaces Triton's timer."""
+    extra = {} if do_bench is None else {"do_bench": do_bench}
+    return triton.autotune(configs=MATMUL_CONFIGS, key=MATMUL_TUNE_KEY, **extra)(_matmul_kernel)
+
+
+_matmul_tuned = None if INTERPRET else matmul_autotuner()
 
 
 def matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, accumulate: bool) -> torch.Tensor:
@@ -211,17 +227,22 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, accumulate
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    args = (a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
-    if _matmul_tuned is not None:
-        _matmul_tuned[grid](
-            *args, ACCUMULATE=accumulate, UPCAST=upcast, INPUT_PRECISION="ieee" if upcast else "tf32"
-        )
-    else:
+    args = (a, b, c, M, N, K, token_bucket(M), token_bucket(K),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    precision = "ieee" if upcast else "tf32"
+    if _matmul_tuned is not None and not accumulate:
+        _matmul_tuned[grid](*args, ACCUMULATE=False, UPCAST=upcast, INPUT_PRECISION=precision)
+        return c
+    if INTERPRET:
         meta = {"BLOCK_M": INTERPRET_BLOCKS["BLOCK_M"], "BLOCK_N": INTERPRET_BLOCKS["BLOCK_V"],
                 "BLOCK_K": INTERPRET_BLOCKS["BLOCK_K"], "GROUP_M": 4}  # fmt: skip
-        _matmul_kernel[grid(meta)](
-            *args, ACCUMULATE=accumulate, UPCAST=True, INPUT_PRECISION="ieee", **meta, num_warps=4
-        )
+        launch_opts = {"num_warps": 4}
+    else:
+        meta = dict(ACCUMULATE_CONFIG.kwargs)
+        launch_opts = {"num_warps": ACCUMULATE_CONFIG.num_warps, "num_stages": ACCUMULATE_CONFIG.num_stages}
+    _matmul_kernel[grid(meta)](
+        *args, ACCUMULATE=accumulate, UPCAST=upcast, INPUT_PRECISION=precision, **meta, **launch_opts
+    )
     return c
 
 

@@ -61,7 +61,8 @@ def _torch_terms(lp, old, adv, mask, w, ref, opts):
 class _FusedLinearGRPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden, weight, targets, old, adv, mask, ref, w, opts, inv_temp, with_entropy, via_triton, chunk
+        ctx, hidden, weight, targets, old, adv, mask, ref, w, opts, inv_temp, with_entropy, via_triton, chunk,
+        lp_out,
     ):  # fmt: skip
         N, V = hidden.shape[0], weight.shape[0]
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -81,7 +82,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
             if via_triton:
                 logits = logits_buf[:n_c]
                 lse, zt, ent = triton_stats(h_c, weight, t_c, inv_temp, with_entropy, logits_out=logits)
-                g, s = triton_terms(zt - lse, old[sl], adv[sl], mask[sl], w[sl], ref_c, opts)
+                lp = zt - lse
+                g, s = triton_terms(lp, lp if old is None else old[sl], adv[sl], mask[sl], w[sl], ref_c, opts)
                 if need_dh or need_dw:
                     dl = triton_dlogits(h_c, weight, t_c, lse, None, g, None, inv_temp, dl_buf[:n_c],
                                         logits=logits)  # fmt: skip
@@ -89,11 +91,14 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
                 z, lse, zt, ent = torch_stats_chunk(h_c, weight, t_c, inv_temp)
                 # The same float32 log-prob the unfused op returns, so both paths agree bit for bit upstream.
                 lp = (zt - lse).float().to(z.dtype)
-                g, s = _torch_terms(lp, old[sl], adv[sl], mask[sl], w[sl].to(z.dtype), ref_c, opts)
+                old_c = lp if old is None else old[sl]
+                g, s = _torch_terms(lp, old_c, adv[sl], mask[sl], w[sl].to(z.dtype), ref_c, opts)
                 dl = torch_dlogits(z, t_c, lse, ent, g, None, inv_temp)
             if need_dh or need_dw:
                 linear_backward_chunk(dl, h_c, weight, dh[sl] if need_dh else None, dw, first=i == 0,
                                       via_triton=via_triton)  # fmt: skip
+            if lp_out is not None:
+                lp_out[sl] = lp
             sums.append(s)
             if with_entropy:
                 ent_sum = ent_sum + torch.where(mask[sl] != 0, ent.float(), 0.0).sum()
@@ -108,14 +113,14 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         dh = None if dh is None else dh * g_loss.to(dh.dtype)
         dw = None if dw is None else dw * g_loss.to(dw.dtype)
-        return (dh, dw) + (None,) * 11
+        return (dh, dw) + (None,) * 12
 
 
 def _fused_linear_grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
@@ -126,17 +131,20 @@ def _fused_linear_grpo_loss(
     temperature: float,
     with_entropy: bool,
     chunk_size: int | None,
+    logprobs_out: torch.Tensor | None,
     via_triton: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     check_linear_inputs(hidden, weight, targets)
     N = hidden.shape[0]
     for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask),
-                    ("ref_logprobs", ref_logprobs), ("seq_ids", seq_ids)):  # fmt: skip
+                    ("ref_logprobs", ref_logprobs), ("seq_ids", seq_ids),
+                    ("logprobs_out", logprobs_out)):  # fmt: skip
         assert t is None or t.shape == (N,), f"{name} {tuple(t.shape)} must be packed [N={N}]"
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     if N == 0:
         raise ValueError("fused_linear_grpo_loss got no tokens (hidden is [0, H])")
+    assert logprobs_out is None or logprobs_out.dtype == torch.float32, f"logprobs_out: {logprobs_out.dtype}"
     opts.validate(ref_logprobs is not None)
     w = token_weights(mask, opts.agg, norm_len=opts.norm_len, seq_ids=seq_ids, num_seqs=num_seqs).contiguous()
 
@@ -148,7 +156,7 @@ def _fused_linear_grpo_loss(
         hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     loss, sums, ent = _FusedLinearGRPOLoss.apply(
         hidden, weight, targets, prep(old_logprobs), prep(advantages), prep(mask, torch.uint8),
-        prep(ref_logprobs), w, opts, 1.0 / float(temperature), with_entropy, via_triton, chunk,
+        prep(ref_logprobs), w, opts, 1.0 / float(temperature), with_entropy, via_triton, chunk, logprobs_out,
     )  # fmt: skip
     stats = finish_stats(sums)
     if with_entropy:
@@ -160,7 +168,7 @@ def fused_linear_grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -178,6 +186,7 @@ def fused_linear_grpo_loss(
     with_entropy: bool = False,
     chunk_size: int | None = None,
     impl: str = "auto",
+    logprobs_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``grpo_loss(fused_linear_logprob(hidden, weight, targets, temperature=...), ...)`` as one op.
 
@@ -186,14 +195,17 @@ def fused_linear_grpo_loss(
     scalar loss (differentiable in hidden and weight) and the ``grpo_loss`` stats, plus ``entropy`` (mean
     over masked-in tokens, no gradient) when ``with_entropy``. ``chunk_size``: tokens per chunk (default:
     chunk·V ≈ 2^29); ``impl`` as in :func:`fused_linear_logprob` ("torch": token chunks, gradients formed in
-    the forward, in pure torch).
+    the forward, in pure torch). ``old_logprobs=None``: on-policy, the old log-probs are this forward's own
+    (detached; ratio exactly 1), which saves the separate no-grad forward of the old policy.
+    ``logprobs_out`` [N] float32, if given, receives the detached log-probs.
     """
     via_triton = use_triton(impl, hidden, weight)
     opts = GRPOOptions(clip_low=clip_low, clip_high=clip_high, clip_dual=clip_dual, kl_coef=kl_coef,
                        kl_type=kl_type, agg=agg, norm_len=norm_len)  # fmt: skip
     return _fused_linear_grpo_loss(
         hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs, seq_ids, num_seqs, opts,
-        temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size, via_triton=via_triton,
+        temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size, logprobs_out=logprobs_out,
+        via_triton=via_triton,
     )  # fmt: skip
 
 
@@ -201,7 +213,7 @@ def fused_linear_grpo_loss_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     **options: Any,

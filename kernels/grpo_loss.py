@@ -296,9 +296,14 @@ class _GRPOLoss(torch.autograd.Function):
         return (grad * g_loss).reshape(ctx.shape).to(ctx.dtype), None, None, None, None, None, None
 
 
+def on_policy_old(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None) -> torch.Tensor:
+    """``old_logprobs``, or on-policy (None) the detached ``logprobs`` themselves: log-ratio exactly 0."""
+    return logprobs.detach() if old_logprobs is None else old_logprobs
+
+
 def _grpo_loss(
     logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
@@ -315,6 +320,7 @@ def _grpo_loss(
     assert logprobs.dim() in (1, 2), f"logprobs must be [B, T] or packed [N], got {tuple(logprobs.shape)}"
     opts.validate(ref_logprobs is not None)
     w = token_weights(mask, opts.agg, norm_len=opts.norm_len, seq_ids=seq_ids, num_seqs=num_seqs)
+    old_logprobs = on_policy_old(logprobs, old_logprobs)
     if via_triton:
 
         def flat(t):
@@ -337,7 +343,7 @@ def _grpo_loss(
 
 def grpo_loss(
     logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -359,10 +365,12 @@ def grpo_loss(
     (sequence index 0..S-1 of each token; ``num_seqs`` = S avoids a device sync when given). Returns the
     scalar float32 loss (differentiable in ``logprobs`` only) and scalar stats over masked-in tokens:
     ``clip_frac``, ``clip_frac_lower`` (dual clip), ``kl`` (to the reference, 0 without one), ``ppo_kl``
-    (to the old policy), ``ratio_mean``, ``ratio_min``, ``ratio_max``. ``impl``: "triton", "torch" (verl's
-    formulas through autograd) or "auto" (Triton on CUDA or under the interpreter).
+    (to the old policy), ``ratio_mean``, ``ratio_min``, ``ratio_max``. ``old_logprobs=None``: on-policy
+    (one update per rollout batch, as TRL and nanochat do): the old log-probs are the detached ``logprobs``,
+    the ratio is exactly 1 and the gradient that of the unclipped surrogate. ``impl``: "triton", "torch"
+    (verl's formulas through autograd) or "auto" (Triton on CUDA or under the interpreter).
     """
-    via_triton = use_triton(impl, logprobs, old_logprobs, advantages, mask)
+    via_triton = use_triton(impl, logprobs, advantages, mask)
     opts = GRPOOptions(clip_low=clip_low, clip_high=clip_high, clip_dual=clip_dual, kl_coef=kl_coef,
                        kl_type=kl_type, agg=agg, norm_len=norm_len)  # fmt: skip
     return _grpo_loss(
@@ -372,7 +380,7 @@ def grpo_loss(
 
 def grpo_loss_reference(
     logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     **options: Any,

@@ -169,22 +169,26 @@ def compute_logprobs(policy, rollouts: list[Rollout], *, ctx: StageContext, max_
     return out
 
 
-def grpo_head(g, targets, old, adv, mask, ref, seq_ids, norm_len, num_seqs: int, impl: str):
-    """Head function: packed hidden states of response tokens → clipped GRPO loss (+ KL) and stats."""
+def grpo_head(g, targets, old, adv, mask, ref, seq_ids, norm_len, num_seqs: int, impl: str, lp_out=None):
+    """Head function: packed hidden states of response tokens → clipped GRPO loss (+ KL) and stats.
+    ``old=None``: on-policy, the old log-probs are the detached current ones (written into ``lp_out``)."""
 
     def head(hidden: torch.Tensor, weight: torch.Tensor):
         return fused_linear_grpo_loss(
             hidden, weight, targets, old, adv, mask, ref_logprobs=ref, temperature=g.temperature,
             clip_low=g.clip_low, clip_high=g.clip_high, clip_dual=g.clip_dual or None, kl_coef=g.kl_coef,
             kl_type=g.kl_type, agg=g.agg, norm_len=norm_len, seq_ids=seq_ids, num_seqs=num_seqs,
-            with_entropy=True, impl=impl)
+            with_entropy=True, impl=impl, logprobs_out=lp_out)
 
     return head
 
 
-def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, g, *, with_ref: bool) -> dict[str, float]:
+def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, g, *, with_ref: bool,
+           on_policy: bool = False) -> dict[str, float]:
     """One optimizer step on a mini-batch of rollouts: clipped GRPO loss (+ KL) normalised over the whole
-    mini-batch on all ranks, whatever the micro-batch split."""
+    mini-batch on all ranks, whatever the micro-batch split. ``on_policy``: the rollouts were sampled from
+    these very weights, so the old log-probs are the training forward's own (detached, ratio 1; filled
+    into ``old_logprobs`` afterwards) and no separate old-policy forward runs."""
     counts = torch.tensor([sum(r.response_len for r in rollouts), len(rollouts)], dtype=torch.float64)
     dist.all_reduce(counts)
     global_tokens, global_seqs = float(counts[0]), float(counts[1])
@@ -201,8 +205,9 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, g, *, with_re
         targets = batch.targets[index]
         seq_ids = batch.seq_ids[index]
         n_tok = targets.numel()
+        lp_out = torch.empty(n_tok, device=ctx.device) if on_policy else None
         if real:
-            old = torch.cat([r.old_logprobs for r in real]).to(ctx.device)
+            old = None if on_policy else torch.cat([r.old_logprobs for r in real]).to(ctx.device)
             adv = torch.cat([torch.full((r.response_len,), r.advantage) for r in real]).to(ctx.device)
             ref = torch.cat([r.ref_logprobs for r in real]).to(ctx.device) if with_ref else None
         else:
@@ -217,10 +222,14 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, g, *, with_re
         elif g.agg == "seq_mean_token_sum_norm":
             norm_len = g.max_response_length * global_seqs
 
-        head = grpo_head(g, targets, old, adv, mask, ref, seq_ids, norm_len, int(global_seqs), ctx.kernels_impl)
+        head = grpo_head(g, targets, old, adv, mask, ref, seq_ids, norm_len, int(global_seqs),
+                         ctx.kernels_impl, lp_out)
         with ctx.autocast():
             loss, stats = ctx.policy(batch, head, index)
         (loss * scale).backward()
+        if on_policy and real:
+            for r, lp in zip(real, torch.split(lp_out.cpu(), [r.response_len for r in real])):
+                r.old_logprobs = lp
         if i < n_real:
             loss_sum += float(loss.detach()) * scale / ctx.world
             for k, v in stats.items():
@@ -314,12 +323,7 @@ def run_grpo(ctx: StageContext) -> None:
             for _ in range(g.epochs):
                 for m0 in range(n_mini):
                     part = rollouts[m0 * len(rollouts) // n_mini:(m0 + 1) * len(rollouts) // n_mini]
-                    if on_policy:
-                        for r, lp in zip(part, compute_logprobs(ctx.policy, part, ctx=ctx,
-                                                                max_tokens=g.max_tokens_per_microbatch,
-                                                                temperature=g.temperature)):
-                            r.old_logprobs = lp
-                    train_stats = update(ctx, part, opt, sched, g, with_ref=with_ref)
+                    train_stats = update(ctx, part, opt, sched, g, with_ref=with_ref, on_policy=on_policy)
         # 5. metrics (the next step's sync pushes the new weights to the engine)
         row = rollout_metrics(ctx, scores, lengths, completions, rollouts, skips, len(prompts))
         row.update(train_stats)

@@ -63,14 +63,13 @@ def test_aot_first_config_every_kernel(first_config_rows):
 
 def test_accumulating_matmul_runs_only_configs_that_fit():
     # C += A·B holds the fp32 accumulator and the loaded C tile at once: only ≤ 64 accumulator registers
-    # per thread fit beside it; the autotuner must never try the others for ACCUMULATE=True.
+    # per thread fit beside it; the one config the accumulating launch runs is among those (the sweep
+    # above compiles every one of them spill-free).
     plain, acc = _common.matmul_configs(False), _common.matmul_configs(True)
     assert acc and len(acc) < len(plain)
     for c in acc:
         assert c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps) <= 64, c
-    for flag, expected in ((True, acc), (False, plain)):
-        pruned = _common._prune_matmul_configs(_common.MATMUL_CONFIGS, {}, ACCUMULATE=flag)
-        assert [str(c) for c in pruned] == [str(c) for c in expected]
+    assert str(_common.ACCUMULATE_CONFIG) in {str(c) for c in acc}
     assert all(isinstance(c, triton.Config) for c in plain)
 
 
