@@ -31,6 +31,7 @@ def tuner(monkeypatch):
     return t
 
 
+@pytest.mark.slow
 def test_random_token_counts_tune_a_bounded_number_of_keys(tuner):
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(V, H, generator=g)
