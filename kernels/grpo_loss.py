@@ -78,9 +78,11 @@ def token_weights(
         if norm_len is None:
             if m.dim() != 2:
                 raise ValueError(
-                    "agg='seq_mean_token_sum_norm' on packed [N] tokens needs norm_len (the horizon)"
+                    "agg='seq_mean_token_sum_norm' on packed [N] tokens needs norm_len (sequences x horizon)"
                 )
-            norm_len = m.shape[-1]  # verl: loss_mask.shape[-1], the padded response length
+            # B·T, the batch's sequences times the padded horizon, as verl 0.9, Dr. GRPO (TRL's
+            # "dr_grpo") and Liger divide: by T alone the loss would grow with the batch size
+            norm_len = m.shape[0] * m.shape[-1]
         return m / float(norm_len)
     if m.dim() == 2:
         n_seq = m.shape[0]

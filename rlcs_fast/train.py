@@ -14,7 +14,7 @@ from . import dist
 from .config import ConfigError, dump_toml, parse_args, to_dict
 from .metrics import MetricsLogger, setup_logging
 from .model import resolve_model_path
-from .stage import StageContext, stage_dir, stage_done
+from .stage import StageContext, close_engine, stage_dir, stage_done
 
 log = logging.getLogger("rlcs_fast")
 
@@ -60,9 +60,11 @@ def main(argv: list[str] | None = None) -> int:
                 del ctx
             init_path = str(stage_dir(run_dir, stage) / "hf")
     except BaseException:
+        close_engine()
         metrics.close()
         dist.shutdown(wait=False)
         raise
+    close_engine()
     metrics.close()
     dist.shutdown()
     return 0

@@ -20,6 +20,9 @@ if not torch.cuda.is_available():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# every collective of rlcs_fast.dist (here and in the torchrun workers, which inherit it) is checked
+# against the process group a CUDA run has: gloo alone would accept tensors that NCCL cannot reduce
+os.environ.setdefault("RLCS_DIST_CHECK", "cuda")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -87,9 +87,8 @@ class HFEngine:
         new = gen.sequences[:, width:].cpu()
         logps = None
         if sampling.logprobs:
-            logits = torch.stack(gen.logits, dim=1).float().cpu()  # [B, T_new, V] raw logits
-            if not greedy:
-                logits = logits / sampling.temperature
+            # raw logits, before temperature, top-p and suppress_tokens: the rule of SamplingParams.logprobs
+            logits = torch.stack(gen.logits, dim=1).float().cpu()  # [B, T_new, V]
             logps = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
         out = []
         for i, r in enumerate(batch):

@@ -23,7 +23,7 @@ def _agg_loss(loss_mat, mask, mode):
     if mode == "seq-mean-token-mean":
         return (torch.sum(loss_mat * mask, dim=-1) / torch.sum(mask, dim=-1)).mean()
     if mode == "seq-mean-token-sum-norm":
-        return torch.sum(loss_mat * mask) / mask.shape[-1]
+        return torch.sum(loss_mat * mask) / (mask.shape[0] * mask.shape[-1])  # verl 0.9: batch x horizon
     raise ValueError(mode)
 
 
@@ -118,7 +118,7 @@ def test_packed_equals_batched(impl, agg):
     xp = lp.float().flatten().detach().requires_grad_()
     loss_p, stats_p = grpo_loss(
         xp, old.float().flatten(), adv.float().flatten(), mask.flatten(), ref_logprobs=ref.float().flatten(),
-        seq_ids=seq_ids, norm_len=9, **kw,
+        seq_ids=seq_ids, norm_len=4 * 9, **kw,
     )
     loss_p.backward()
     torch.testing.assert_close(loss_p, loss)
@@ -162,6 +162,20 @@ def test_bad_options_raise():
         grpo_loss(lp.float(), old.float(), adv.float(), mask, agg="seq-mean")
     with pytest.raises(ValueError, match="seq_ids"):
         grpo_loss(lp.float().flatten(), old.float().flatten(), adv.float().flatten(), mask.flatten(), agg="seq_mean_token_mean")
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_seq_mean_token_sum_norm_default_does_not_grow_with_the_batch(impl):
+    # Dr. GRPO / TRL "dr_grpo" / verl 0.9: token sum / (B * T). Repeating the batch keeps the loss (dividing
+    # by T alone doubled it), and an explicit norm_len of B * T gives the same number.
+    lp, old, adv, mask, _ = _batch(4, 9, seed=3)
+    one, _ = grpo_loss(lp.float(), old.float(), adv.float(), mask, agg="seq_mean_token_sum_norm", impl=impl)
+    two, _ = grpo_loss(*(t.float().repeat(2, 1) for t in (lp, old, adv)), mask.repeat(2, 1),
+                       agg="seq_mean_token_sum_norm", impl=impl)
+    given, _ = grpo_loss(lp.float(), old.float(), adv.float(), mask, agg="seq_mean_token_sum_norm",
+                         norm_len=4 * 9, impl=impl)
+    torch.testing.assert_close(two, one)
+    torch.testing.assert_close(given, one)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
