@@ -84,7 +84,8 @@ def _kernels() -> list[dict]:
     dot = {"UPCAST": False, "INPUT_PRECISION": "tf32"}
 
     def cfgs(configs):
-        return [{"kwargs": dict(c.kwargs), "num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
+        return [{"kwargs": dict(c.kwargs), "num_warps": c.num_warps, "num_stages": c.num_stages}
+                for c in configs]  # fmt: skip
 
     grpo_cfg = [{"kwargs": {"BLOCK_T": gl.GRPO_BLOCK_T}, "num_warps": gl.GRPO_NUM_WARPS, "num_stages": 3}]
     return [
@@ -118,9 +119,8 @@ def _specialize(fn, args: dict, const: dict) -> tuple[dict, dict, dict]:
             signature[p.name] = "constexpr"
             constexprs[(i,)] = const[p.name]
             continue
-        ty, key = native_specialize_impl(
-            BaseBackend, args[p.name], p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment
-        )
+        specialize, align = not p.do_not_specialize, not p.do_not_specialize_on_alignment
+        ty, key = native_specialize_impl(BaseBackend, args[p.name], p.is_const, specialize, align)
         signature[p.name] = ty
         if ty == "constexpr":  # an integer equal to 1 (a unit stride) becomes a compile-time constant
             constexprs[(i,)] = key
@@ -129,12 +129,16 @@ def _specialize(fn, args: dict, const: dict) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
+def _run(cmd: list[str]) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
 def _cubin_info(cubin: bytes) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         Path(path).write_bytes(cubin)
-        res = subprocess.run([_bin("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_bin("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+        res = _run([_bin("cuobjdump"), "-res-usage", path])
+        sass = _run([_bin("cuobjdump"), "-sass", path])
     return {
         "regs": int(re.search(r"REG:(\d+)", res).group(1)),
         "stack": int(re.search(r"STACK:(\d+)", res).group(1)),
@@ -182,7 +186,9 @@ def compile_one(kernel: dict, config: dict, arch: int) -> dict:
 
 def report(archs: list[int], first_config_only: bool = False) -> dict[int, list[dict]]:
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("run the AOT report without TRITON_INTERPRET=1 (the interpreter replaces the compiler)")
+        raise RuntimeError(
+            "run the AOT report without TRITON_INTERPRET=1 (the interpreter replaces the compiler)"
+        )
     out: dict[int, list[dict]] = {}
     for arch in archs:
         rows = []
@@ -194,14 +200,16 @@ def report(archs: list[int], first_config_only: bool = False) -> dict[int, list[
 
 
 def _print(rows: list[dict]) -> None:
-    print(f"{'kernel':28} {'config':48} {'arch':7} {'regs':>4} {'spill':>5} {'stack':>5} {'smem':>7} {'hgmma':>5}")
+    print(f"{'kernel':28} {'config':48} {'arch':7} {'regs':>4} {'spill':>5} {'stack':>5} {'smem':>7} "
+          f"{'hgmma':>5}")  # fmt: skip
     for r in rows:
         c = r["config"]
         blocks = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK"))
-        cfg = f"{blocks} w{c['num_warps']} s{c['num_stages']}" + (f" g{c['GROUP_M']}" if "GROUP_M" in c else "")
+        group = f" g{c['GROUP_M']}" if "GROUP_M" in c else ""
+        cfg = f"{blocks} w{c['num_warps']} s{c['num_stages']}{group}"
         hg = r["hgmma"] if r["hgmma"] is not None else "-"
-        print(f"{r['kernel']:28} {cfg:48} {r['arch']:7} {r['regs']:>4} {r['spill_stores']:>5} {r['stack']:>5} "
-              f"{r['smem']:>7} {hg:>5}")  # fmt: skip
+        print(f"{r['kernel']:28} {cfg:48} {r['arch']:7} {r['regs']:>4} {r['spill_stores']:>5} "
+              f"{r['stack']:>5} {r['smem']:>7} {hg:>5}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,11 +29,13 @@ NO_GPU_REASON = ("no CUDA GPU: the kernel benchmarks time bf16 kernels on a GPU;
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("rlcs_fast bench")
     g.addoption("--bench-ci", action="store_true", help="run every benchmark body once at tiny CPU shapes")
-    g.addoption("--bench-out", default=None, help="results JSON path (default: bench/results/kernels_<device>.json)")
+    g.addoption("--bench-out", default=None,
+                help="results JSON path (default: bench/results/kernels_<device>.json)")
     g.addoption("--bench-tokens", default=None, help="comma-separated N values (default 2048,...,32768)")
     g.addoption("--bench-models", default="3b,7b", help="comma-separated shapes among 3b,7b")
     g.addoption("--bench-rounds", type=int, default=10, help="timed rounds per benchmark")
-    g.addoption("--bench-warmup", type=int, default=2, help="untimed rounds per benchmark (autotune, compile)")
+    g.addoption("--bench-warmup", type=int, default=2,
+                help="untimed rounds per benchmark (autotune, compile)")
 
 
 def _ci(config: pytest.Config) -> bool:

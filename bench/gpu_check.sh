@@ -21,9 +21,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" > /dev/null; then
+    site="$(mktemp -d)"  # the carried wheels, ahead of the image's own packages
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/rlcs_site .whl/*.whl || exit 1
-    export PYTHONPATH="/tmp/rlcs_site${PYTHONPATH:+:$PYTHONPATH}"
+        --target "$site" .whl/*.whl || exit 1
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 elif [[ " $* " != *" --smoke "* ]]; then
     echo "gpu_check: no wheels in .whl/: transformers stays at the image's (see this file's header)" >&2
 fi

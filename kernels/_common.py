@@ -1,10 +1,10 @@
 """Shared plumbing for the Triton kernels: backend choice, launch configs, and one tiled matmul.
 
-Under ``TRITON_INTERPRET=1`` (CPU CI) every kernel runs through Triton's numpy interpreter, which costs about
-a millisecond per program and multiplies bf16 ``tl.dot`` operands as raw integer bits. Kernels therefore take
-an ``UPCAST`` constexpr (operands go to float32 before ``tl.dot`` when interpreting) and launch with one fixed,
-large-block config (``INTERPRET_BLOCKS``, which tests may shrink to reach several blocks per dimension).
-On a GPU the kernels are autotuned over a short list of Hopper-friendly configs.
+Under ``TRITON_INTERPRET=1`` (CPU CI) every kernel runs through Triton's numpy interpreter, which costs
+about a millisecond per program and multiplies bf16 ``tl.dot`` operands as raw integer bits. Kernels
+therefore take an ``UPCAST`` constexpr (operands go to float32 before ``tl.dot`` when interpreting) and
+launch with one fixed, large-block config (``INTERPRET_BLOCKS``, which tests may shrink to reach several
+blocks per dimension). On a GPU the kernels are autotuned over a short list of Hopper-friendly configs.
 """
 
 from __future__ import annotations
@@ -74,6 +74,34 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The linear head (hidden @ weight.T) shared by the fused log-prob and the fused GRPO loss.
+# ----------------------------------------------------------------------------------------------------------
+def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
+    assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], (
+        f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [N, H] and [V, H]"
+    )
+    N = hidden.shape[0]
+    assert targets.shape == (N,), f"targets {tuple(targets.shape)} must be [N={N}]"
+    assert hidden.dtype == weight.dtype, f"hidden {hidden.dtype} and weight {weight.dtype} must share a dtype"
+
+
+def default_chunk_size(n_tokens: int, vocab: int) -> int:
+    """Tokens per chunk: chunk·V ≈ 2^29 elements (a 1 GiB bf16 dlogits buffer), a power of two."""
+    target = max(128, (1 << 29) // max(vocab, 1))
+    return min(max(n_tokens, 1), 1 << (target.bit_length() - 1))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch path's logits and the dW accumulator: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dlogits_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16 has fp32's range; fp16 dlogits (≈ p / n_tokens) would flush to zero, so fp16 inputs keep fp32.
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------
 # C (+)= A @ B with float32 accumulation; any strides, so transposed views cost nothing. It computes
 # dh = dlogits @ W and dW += dlogits^T @ h: both are plain GEMMs once dlogits of a token chunk exist, and a
 # GEMM tiled over the output owns each output tile, so dW needs no atomics (the usual fused-CE kernels
@@ -108,7 +136,7 @@ def token_bucket(n: int) -> int:
 
 
 def matmul_configs(accumulate: bool) -> list[triton.Config]:
-    """The spill-free subset of ``MATMUL_CONFIGS`` for the plain (C = A·B) or accumulating (C += A·B) kernel."""
+    """The spill-free ``MATMUL_CONFIGS`` of the plain (C = A·B) or accumulating (C += A·B) kernel."""
     if not accumulate:
         return list(MATMUL_CONFIGS)
     return [
@@ -190,7 +218,9 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, accumulate
     """``c = a @ b`` (or ``c += a @ b``) with float32 accumulation, written into ``c`` (any dtype)."""
     M, K = a.shape
     K2, N = b.shape
-    assert K == K2 and c.shape == (M, N), f"matmul shapes {tuple(a.shape)} @ {tuple(b.shape)} -> {tuple(c.shape)}"
+    assert K == K2 and c.shape == (M, N), (
+        f"matmul shapes {tuple(a.shape)} @ {tuple(b.shape)} -> {tuple(c.shape)}"
+    )
     # Mixed operand dtypes (fp32 dlogits with fp16 weights) and fp32 run as exact fp32 dots.
     upcast = INTERPRET or a.dtype != b.dtype or a.dtype == torch.float32
 
@@ -214,3 +244,29 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, accumulate
         *args, ACCUMULATE=accumulate, UPCAST=upcast, INPUT_PRECISION=precision, **meta, **launch_opts
     )
     return c
+
+
+def linear_backward_chunk(
+    dlogits: torch.Tensor,
+    h_chunk: torch.Tensor,
+    weight: torch.Tensor,
+    dh_chunk: torch.Tensor | None,
+    dw_acc: torch.Tensor | None,
+    *,
+    first: bool,
+    via_triton: bool,
+) -> None:
+    """dh_chunk = dlogits @ W and dw_acc (+)= dlogitsᵀ @ h_chunk (either may be None; ``first`` overwrites
+    dw_acc), with the Triton GEMM or torch's."""
+    if via_triton:
+        if dh_chunk is not None:
+            matmul_into(dlogits, weight, dh_chunk, accumulate=False)
+        if dw_acc is not None:
+            matmul_into(dlogits.t(), h_chunk, dw_acc, accumulate=not first)
+        return
+    if dh_chunk is not None:
+        dh_chunk.copy_(dlogits @ weight.to(dlogits.dtype))
+    if dw_acc is not None and first:
+        torch.mm(dlogits.t(), h_chunk.to(dlogits.dtype), out=dw_acc)
+    elif dw_acc is not None:
+        dw_acc.addmm_(dlogits.t(), h_chunk.to(dlogits.dtype))

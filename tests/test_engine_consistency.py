@@ -9,6 +9,7 @@ model other than the one it sampled from.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoConfig
 
@@ -24,6 +25,7 @@ from rlcs_fast.tiny import tiny_path
 PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)  # configs/tiny.toml
 
 
+@pytest.mark.slow
 def test_engine_logprobs_equal_trainer_logprobs_with_images():
     path = str(tiny_path(seed=0))
     processor = load_processor(path, **PIXELS)

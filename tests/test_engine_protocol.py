@@ -176,6 +176,7 @@ def _checksums(model: torch.nn.Module) -> dict[str, str]:
     return {k: tensor_checksum(v) for k, v in iter_full_weights(model)}
 
 
+@pytest.mark.slow
 def test_grpo_loop_pushes_current_weights_each_step(tmp_path, monkeypatch):
     updated: list[dict[str, str]] = []  # the policy's weights after each optimizer update
     initial: list[dict[str, str]] = []
@@ -210,6 +211,7 @@ def test_grpo_loop_pushes_current_weights_each_step(tmp_path, monkeypatch):
         assert r["mem/vllm_awake_gb"] > 0 and r["mem/vllm_asleep_gb"] == 0.0 and r["time/sync"] > 0
 
 
+@pytest.mark.slow
 def test_grpo_loop_that_forgets_the_push_fails(tmp_path, monkeypatch):
     def sync_without_push(self):
         engine = self.engine

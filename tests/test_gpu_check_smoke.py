@@ -72,6 +72,7 @@ def test_smoke_mode_runs_every_step(tmp_path):
     assert env_["versions"]["torch"] in md and all(f"| {s.name} | ok |" in md for s in gc.STEPS)
 
 
+@pytest.mark.slow
 def test_a_step_past_its_budget_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
     gc = _load_gpu_check()
     monkeypatch.setattr(gc, "SMOKE_BUDGET_S", 5)

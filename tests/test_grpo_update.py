@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from rlcs_fast.config import OptimConfig, load_config
@@ -42,6 +43,7 @@ def _ctx(tmp_path, **overrides):
                                device=torch.device("cpu"), metrics=MetricsLogger(tmp_path, progress=False))
 
 
+@pytest.mark.slow
 def test_update_raises_positive_and_lowers_negative_advantage(tmp_path):
     ctx = _ctx(tmp_path, **{"grpo.max_tokens_per_microbatch": 400, "kernels.impl": "torch"})
     g = ctx.cfg.grpo
@@ -58,6 +60,7 @@ def test_update_raises_positive_and_lowers_negative_advantage(tmp_path):
         assert delta * r.advantage > 0, (r.advantage, delta)
 
 
+@pytest.mark.slow
 def test_update_gradient_does_not_depend_on_token_budget(tmp_path):
     grads = []
     for budget in (150, 400, 4000):
@@ -98,6 +101,7 @@ def _step_grads(ctx, rollouts, on_policy: bool):
     return stats, captured
 
 
+@pytest.mark.slow
 def test_on_policy_update_equals_a_separate_old_logprob_forward(tmp_path):
     # One update per rollout batch: the detached log-probs of the training forward replace the no-grad
     # forward run_grpo ran before; loss, statistics and every gradient are those of the old path.

@@ -111,6 +111,7 @@ def test_parameter_count_from_config_equals_the_built_model(tmp_path, size, expe
         assert (arch.layers, arch.hidden, arch.heads, arch.kv_heads, arch.vocab, arch.tied) == (28, 3584, 28, 4, 152064, False)
 
 
+@pytest.mark.slow
 def test_dry_run_plans_a_7b_grpo_run_without_weights(tmp_path):
     from rlcs_fast.synthetic import save_synthetic
 
@@ -196,6 +197,7 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
+@pytest.mark.slow
 def test_dry_run_reads_a_hub_set_through_http_and_names_the_key_it_cannot_reach(tmp_path):
     from rlcs_fast.synthetic import save_synthetic
 
