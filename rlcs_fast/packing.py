@@ -15,7 +15,6 @@ mrope positions are computed per sample before packing (``mrope_positions``): tr
 
 from __future__ import annotations
 
-import heapq
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -243,75 +242,37 @@ def unpack(values: Tensor, batch: PackedBatch) -> list[Tensor]:
 _warned_oversized = False
 
 
-def plan_microbatches(lengths: list[int], max_tokens: int, world_size: int = 1) -> list[list[list[int]]]:
-    """Split one step's samples (their token ``lengths``) across ``world_size`` ranks and into
-    micro-batches of at most ``max_tokens`` tokens → ``plan[rank][micro]`` = sample indices.
-
-    1. Longest first, each sample goes to the rank with the fewest tokens so far (LPT greedy: rank
-       loads differ by at most the longest sample).
-    2. Per rank, first-fit-decreasing bins under ``max_tokens``. A sample longer than the budget gets a
-       micro-batch of its own (warned once).
-    3. Every rank must run the same number of micro-batches (FSDP collectives): a rank with fewer
-       splits its largest multi-sample micro-batch in two, repeatedly; only a rank with fewer samples
-       than that count is padded with empty micro-batches, which the loop must run as zero-loss
-       forwards so the collectives still match.
-    Deterministic: ties go to the lower index or rank."""
+def plan_microbatches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """One rank's samples (their token ``lengths``) in micro-batches of at most ``max_tokens`` tokens →
+    ``plan[micro]`` = sample indices: first-fit-decreasing bins, longest first. A sample longer than the
+    budget gets a micro-batch of its own (warned once). Deterministic: ties go to the lower index. Lining
+    the count up over ranks is `trainer_utils.plan_step`'s job."""
     global _warned_oversized
-    if max_tokens <= 0 or world_size <= 0:
-        raise ValueError(f"max_tokens ({max_tokens}) and world_size ({world_size}) must be positive")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    loads = [(0, r) for r in range(world_size)]  # heap of (tokens, rank)
-    per_rank: list[list[int]] = [[] for _ in range(world_size)]
-    for i in order:
-        load, r = heapq.heappop(loads)
-        per_rank[r].append(i)
-        heapq.heappush(loads, (load + lengths[i], r))
-
-    plan: list[list[list[int]]] = []
-    for idx in per_rank:  # already in decreasing length
-        bins: list[list[int]] = []
-        room: list[int] = []
-        for i in idx:
-            if lengths[i] > max_tokens:
-                if not _warned_oversized:
-                    warnings.warn(
-                        f"a sample of {lengths[i]} tokens exceeds max_tokens_per_microbatch={max_tokens}; "
-                        "it runs as a micro-batch of its own",
-                        stacklevel=2,
-                    )
-                    _warned_oversized = True
-                bins.append([i])
-                room.append(0)
-                continue
-            for b, free in enumerate(room):
-                if lengths[i] <= free:
-                    bins[b].append(i)
-                    room[b] -= lengths[i]
-                    break
-            else:
-                bins.append([i])
-                room.append(max_tokens - lengths[i])
-        plan.append(bins)
-
-    target = max(len(bins) for bins in plan)
-    for bins in plan:
-        while len(bins) < target:
-            splittable = [b for b in range(len(bins)) if len(bins[b]) > 1]
-            if not splittable:
-                bins.append([])
-                continue
-            b = max(splittable, key=lambda j: (sum(lengths[i] for i in bins[j]), -j))
-            first, second = [], []
-            load_first = load_second = 0
-            for i in bins[b]:  # decreasing length: greedy halves
-                if load_first <= load_second:
-                    first.append(i)
-                    load_first += lengths[i]
-                else:
-                    second.append(i)
-                    load_second += lengths[i]
-            bins[b : b + 1] = [first, second]
-    return plan
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens ({max_tokens}) must be positive")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] > max_tokens:
+            if not _warned_oversized:
+                warnings.warn(
+                    f"a sample of {lengths[i]} tokens exceeds max_tokens_per_microbatch={max_tokens}; "
+                    "it runs as a micro-batch of its own",
+                    stacklevel=2,
+                )
+                _warned_oversized = True
+            bins.append([i])
+            room.append(0)
+            continue
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(max_tokens - lengths[i])
+    return bins
 
 
 def forward_hidden(model: nn.Module, batch: PackedBatch, *, touch_vision: bool | None = None) -> Tensor:

@@ -54,7 +54,7 @@ def plan_step(samples: list, lengths: list[int], max_tokens: int, filler) -> tup
     must line up): a rank with fewer repeats its first micro-batch, which the loop runs with weight 0.
     A rank left with no usable sample runs `filler` (a zero-loss item). Returns (micro-batches, number of
     real ones)."""
-    plan = plan_microbatches(lengths, max_tokens, 1)[0] if samples else []
+    plan = plan_microbatches(lengths, max_tokens) if samples else []
     micro = [[samples[i] for i in mb] for mb in plan if mb]
     count = int(dist.all_reduce(torch.tensor([len(micro)]), "max").item())
     if not micro:
