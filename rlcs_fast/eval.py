@@ -167,28 +167,31 @@ def resolve_settings(cfg: Config, args: argparse.Namespace) -> EvalSettings:
     def pick(flag: Any, value: Any) -> Any:
         return value if flag is None else flag
 
-    d, g, r = cfg.data, cfg.grpo, cfg.reward
+    data, grpo, reward = cfg.data, cfg.grpo, cfg.reward
     return EvalSettings(
-        template=pick(args.prompt_template, d.prompt_template), system_prompt=pick(args.system_prompt, d.system_prompt),
-        min_pixels=pick(args.min_pixels, d.min_pixels), max_pixels=pick(args.max_pixels, d.max_pixels),
-        max_prompt_length=g.max_prompt_length, max_new_tokens=pick(args.max_new_tokens, g.max_response_length),
-        top_p=pick(args.top_p, g.top_p), seed=pick(args.seed, cfg.run.seed),
-        batch_size=pick(args.batch_size, cfg.rollout.batch_size), reward_function=r.function,
-        format_weight=r.format_weight, reward_timeout_s=r.timeout_s, reward_workers=pick(args.reward_workers, r.num_workers),
-        synthetic_val_size=d.synthetic_val_size, rollout=cfg.rollout)
+        template=pick(args.prompt_template, data.prompt_template),
+        system_prompt=pick(args.system_prompt, data.system_prompt),
+        min_pixels=pick(args.min_pixels, data.min_pixels), max_pixels=pick(args.max_pixels, data.max_pixels),
+        max_prompt_length=grpo.max_prompt_length,
+        max_new_tokens=pick(args.max_new_tokens, grpo.max_response_length),
+        top_p=pick(args.top_p, grpo.top_p), seed=pick(args.seed, cfg.run.seed),
+        batch_size=pick(args.batch_size, cfg.rollout.batch_size), reward_function=reward.function,
+        format_weight=reward.format_weight, reward_timeout_s=reward.timeout_s,
+        reward_workers=pick(args.reward_workers, reward.num_workers),
+        synthetic_val_size=data.synthetic_val_size, rollout=cfg.rollout)
 
 
-def load_for_eval(model_dir: str, s: EvalSettings, engine_kind: str, device: torch.device):
+def load_for_eval(model_dir: str, settings: EvalSettings, engine_kind: str, device: torch.device):
     """The model's processor (with the run's pixel bounds), its config and a rollout engine."""
     from transformers import AutoConfig
 
     from .model import load_processor
 
-    processor = load_processor(model_dir, min_pixels=s.min_pixels, max_pixels=s.max_pixels)
+    processor = load_processor(model_dir, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
     model_config = AutoConfig.from_pretrained(model_dir)
-    engine = build_engine(s.rollout, model_dir, tokenizer=processor.tokenizer, device=device, kind=engine_kind,
-                          batch_size=s.batch_size, max_model_len=s.max_prompt_length + s.max_new_tokens,
-                          seed=s.seed, min_pixels=s.min_pixels, max_pixels=s.max_pixels, from_disk=True)
+    engine = build_engine(settings.rollout, model_dir, tokenizer=processor.tokenizer, device=device, kind=engine_kind,
+                          batch_size=settings.batch_size, max_model_len=settings.max_prompt_length + settings.max_new_tokens,
+                          seed=settings.seed, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels, from_disk=True)
     return processor, model_config, engine
 
 

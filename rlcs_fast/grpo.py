@@ -116,7 +116,7 @@ def split_raw(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None
     return (logprobs[:, 0], logprobs[:, 1]) if logprobs.dim() == 2 else (logprobs, None)
 
 
-def grpo_head(g, targets, old, adv, mask, ref, seq_ids, norm_len, num_seqs: int, impl: str, lp_out=None,
+def grpo_head(grpo, targets, old, adv, mask, ref, seq_ids, norm_len, num_seqs: int, impl: str, lp_out=None,
               raw_out=None):
     """Head function: packed hidden states of response tokens → clipped GRPO loss (+ KL) and stats.
     ``old=None``: on-policy, the old log-probs are the detached current ones (written into ``lp_out``);
@@ -128,9 +128,9 @@ def grpo_head(g, targets, old, adv, mask, ref, seq_ids, norm_len, num_seqs: int,
                 raw_out.copy_(fused_linear_logprob(hidden.detach(), weight.detach(), targets, temperature=1.0,
                                                    impl=impl))
         return fused_linear_grpo_loss(
-            hidden, weight, targets, old, adv, mask, ref_logprobs=ref, temperature=g.temperature,
-            clip_low=g.clip_low, clip_high=g.clip_high, clip_dual=g.clip_dual or None, kl_coef=g.kl_coef,
-            kl_type=g.kl_type, agg=g.agg, norm_len=norm_len, seq_ids=seq_ids, num_seqs=num_seqs,
+            hidden, weight, targets, old, adv, mask, ref_logprobs=ref, temperature=grpo.temperature,
+            clip_low=grpo.clip_low, clip_high=grpo.clip_high, clip_dual=grpo.clip_dual or None, kl_coef=grpo.kl_coef,
+            kl_type=grpo.kl_type, agg=grpo.agg, norm_len=norm_len, seq_ids=seq_ids, num_seqs=num_seqs,
             with_entropy=True, impl=impl, logprobs_out=lp_out)
 
     return head

@@ -131,8 +131,10 @@ def profile_grpo(
     """Phase times (s) and peak memory (GiB) of the last of ``steps`` GRPO steps (the first warms up)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from .advantages import group_advantages
     from .config import OptimConfig
-    from .grpo import build_rollouts, compute_logprobs, group_advantages, update
+    from .grpo import build_rollouts, compute_logprobs, update
+    from .rollout.build import banned_token_ids
     from .rollout.engine import SamplingParams
     from .rollout.hf_engine import HFEngine
     from .trainer_utils import build_optimizer, iter_full_weights
@@ -146,7 +148,7 @@ def profile_grpo(
     eos = config.text_config.eos_token_id
     engine = HFEngine(engine_model, device=device, batch_size=prompts * n, eos_token_id=eos, pad_token_id=eos)
     ctx = _StepContext(cfg, policy, config, device, kernels_impl)
-    g = cfg.grpo
+    grpo = cfg.grpo
     requests = image_prompts(
         config, prompts=prompts, prompt_len=prompt_len, image_tokens=image_tokens, seed=seed
     )
@@ -165,22 +167,20 @@ def profile_grpo(
                 max_tokens=response_len,
                 seed=seed + step,
                 logprobs=True,
-                banned_token_ids=(config.image_token_id,),
+                banned_token_ids=banned_token_ids(config),
             )
             completions = engine.generate(requests, sampling)
             engine.sleep()
         with _phase(times, peaks, "reward", device):
             rewards = torch.randint(0, 2, (len(completions),), generator=rng).float()
             advantages = group_advantages(rewards, n)
-            rollouts = build_rollouts(
-                requests, completions, [{"overall": float(r)} for r in rewards], advantages, n
-            )
+            rollouts = build_rollouts(requests, completions, advantages, n)
         with _phase(times, peaks, "old_logprobs_forward", device):  # what the on-policy update no longer runs
             compute_logprobs(
-                policy, rollouts, ctx=ctx, max_tokens=g.max_tokens_per_microbatch, temperature=g.temperature
+                policy, rollouts, ctx=ctx, max_tokens=grpo.max_tokens_per_microbatch, temperature=grpo.temperature
             )
         with _phase(times, peaks, "train", device):
-            stats = update(ctx, rollouts, opt, sched, g, with_ref=False, on_policy=True)
+            stats = update(ctx, rollouts, opt, sched, with_ref=False, on_policy=True)
     generated = sum(len(c.response_ids) for c in completions)
     trained = sum(r.sample.input_ids.numel() for r in rollouts)
     step_s = sum(t for k, t in times.items() if k != "old_logprobs_forward")
