@@ -21,7 +21,7 @@ import torch
 from . import dist
 from .advantages import dynamic_sampling_mask, group_advantages, overlong_penalty
 from .checkpointer import Checkpointer
-from .data import SkipCounter, encode_many, global_indices, rank_share
+from .data import SkipCounter
 from .kernels import fused_linear_grpo_loss, fused_linear_logprob
 from .packing import Sample, extend_positions, pack
 from .rollout.engine import Completion, SamplingParams
@@ -326,7 +326,7 @@ def rollout_metrics(ctx: StageContext, generated: Generated, scored: Scored, ski
 # --- the stage ----------------------------------------------------------------------------------------------
 
 def run_grpo(ctx: StageContext) -> None:
-    cfg, grpo = ctx.cfg, ctx.cfg.grpo
+    grpo = ctx.cfg.grpo
     train_table, val_table = ctx.load_tables(kind="rl")
     encoder = ctx.encoder(max_length=grpo.max_prompt_length)
     updates_per_step = grpo.epochs * (grpo.rollout_batch_size // grpo.mini_batch_size)
@@ -347,11 +347,7 @@ def run_grpo(ctx: StageContext) -> None:
         last = step == grpo.steps
         timer = Timer()
         t0 = time.perf_counter()
-        rows = global_indices(len(train_table), (step - 1) * grpo.rollout_batch_size, grpo.rollout_batch_size,
-                              cfg.run.seed)
-        prompts = encode_many(lambda row, i: encoder.prompt(row, i),
-                              ((train_table[i], i) for i in rank_share(rows, ctx.rank, ctx.world)), skips,
-                              "data.train")
+        prompts = ctx.step_batch(train_table, step, grpo.rollout_batch_size, encoder.prompt, skips)
         generated = generate(ctx, prompts, step, timer)
         with timer("time/reward"):
             scored = score(ctx, prompts, generated.completions)

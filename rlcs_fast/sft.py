@@ -16,7 +16,7 @@ import torch
 
 from . import dist
 from .checkpointer import Checkpointer
-from .data import Encoder, SkipCounter, encode_many, global_indices, rank_share
+from .data import Encoder, SkipCounter, encode_many, rank_share
 from .kernels import fused_linear_logprob
 from .packing import pack
 from .stage import StageContext
@@ -97,11 +97,7 @@ def run_sft(ctx: StageContext) -> None:
     for step in range(start + 1, total_steps + 1):
         last = step == total_steps
         t0 = time.perf_counter()
-        rows = global_indices(len(train_table), (step - 1) * sft.global_batch_size, sft.global_batch_size,
-                              cfg.run.seed)
-        samples = encode_many(lambda row, i: encoder.sft(row),
-                              ((train_table[i], i) for i in rank_share(rows, ctx.rank, ctx.world)), skips,
-                              "data.train")
+        samples = ctx.step_batch(train_table, step, sft.global_batch_size, lambda row, i: encoder.sft(row), skips)
         out = run_step(ctx, samples, sft.max_tokens_per_microbatch)
         grad_norm = clip_grad_norm(ctx.policy, cfg.optim.grad_clip)
         lr = sched.get_last_lr()[0]

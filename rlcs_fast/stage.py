@@ -17,9 +17,13 @@ from .config import Config, stage_lr
 from .data import (
     Columns,
     Encoder,
+    SkipCounter,
     check_columns,
+    encode_many,
+    global_indices,
     lazy_images,
     load_table,
+    rank_share,
 )
 from .metrics import MetricsLogger
 from .model import (
@@ -128,6 +132,13 @@ class StageContext:
         for table, source in ((train, data.train), (val, data.val)):
             check_columns(table, self.columns, source=source)
         return lazy_images(train, data.image_column), lazy_images(val, data.image_column)
+
+    def step_batch(self, table, step: int, size: int, encode, skips: SkipCounter) -> list:
+        """This rank's share of step `step`'s global batch of `size` rows, encoded by `encode(row, index)`
+        (rows that fail are skipped and counted in `skips`). The same rows for any world size."""
+        rows = global_indices(len(table), (step - 1) * size, size, self.cfg.run.seed)
+        mine = rank_share(rows, self.rank, self.world)
+        return encode_many(encode, ((table[i], i) for i in mine), skips, "data.train")
 
     def optimizer(self, total_steps: int):
         """AdamW and its schedule over `total_steps` optimizer steps, at this stage's learning rate."""
