@@ -9,8 +9,11 @@ import torch
 import torch.distributed as dist
 
 
-def init(device: str) -> tuple[int, int, torch.device]:
-    """Start the process group when launched by torchrun; returns (rank, world_size, device)."""
+def init(device: str, timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
+    """Start the process group when launched by torchrun; returns (rank, world_size, device).
+
+    `timeout_s` (`run.collective_timeout_s`) bounds how long a rank waits in one collective before the
+    job fails; see the README's Faults section for how it was chosen."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -23,7 +26,7 @@ def init(device: str) -> tuple[int, int, torch.device]:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30),
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s),
                                 device_id=dev if use_cuda else None)
     return rank, world, dev
 

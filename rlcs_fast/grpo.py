@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import dist
 from .data import SkipCounter, encode_many, global_indices, rank_share
+from .faults import all_finite
 from .kernels import fused_linear_grpo_loss, fused_linear_logprob
 from .packing import Sample, extend_positions, pack
 from .rollout.engine import SamplingParams
@@ -227,15 +228,18 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, g, *, with_re
                 stats_sum[k] = stats_sum.get(k, 0.0) + float(v) * n_tok
     grad_norm = clip_grad_norm(ctx.policy, ctx.cfg.optim.grad_clip)
     lr = sched.get_last_lr()[0]
-    opt.step()
-    sched.step()
+    finite = all_finite(loss_sum, grad_norm)  # agreed by all ranks; a non-finite update changes nothing
+    if finite:
+        opt.step()
+        sched.step()
     opt.zero_grad(set_to_none=True)
     local = torch.tensor([loss_sum] + [stats_sum.get(k, 0.0) for k in ("clip_frac", "kl", "entropy", "ratio_mean")],
                          dtype=torch.float64)
     dist.all_reduce(local)
     return {"train/loss": float(local[0]), "actor/clip_frac": float(local[1]) / global_tokens,
             "actor/kl": float(local[2]) / global_tokens, "actor/entropy": float(local[3]) / global_tokens,
-            "actor/ratio_mean": float(local[4]) / global_tokens, "train/grad_norm": grad_norm, "train/lr": lr}
+            "actor/ratio_mean": float(local[4]) / global_tokens, "train/grad_norm": grad_norm, "train/lr": lr,
+            "finite": finite}
 
 
 def run_grpo(ctx: StageContext) -> None:
@@ -247,7 +251,8 @@ def run_grpo(ctx: StageContext) -> None:
                                  eps=cfg.optim.eps, warmup_ratio=cfg.optim.warmup_ratio, schedule=cfg.optim.schedule,
                                  min_lr_ratio=cfg.optim.min_lr_ratio, total_steps=g.steps * updates_per_step)
     skips = SkipCounter()
-    start = ctx.resume(opt, sched, skips)
+    guard = ctx.bad_step_guard()
+    start = ctx.resume(opt, sched, skips, guard)
     with_ref = g.kl_coef > 0
     ref_policy = ctx.reference_policy() if with_ref else None
     on_policy = updates_per_step == 1  # the old policy is the current one: its log-probs are the detached ones
@@ -291,7 +296,9 @@ def run_grpo(ctx: StageContext) -> None:
             keep = torch.ones(len(prompts), dtype=torch.bool)
             if g.dynamic_sampling and len(prompts):
                 keep = dynamic_sampling_mask(rewards, g.n)
-            kept = [j for j in range(len(completions)) if keep[j // g.n]]
+            # a reward function returning NaN/inf (or an overflowing penalty) poisons every update of the step
+            step_ok = guard.check(step, "rewards or advantages", rewards, advantages)
+            kept = [j for j in range(len(completions)) if keep[j // g.n] and step_ok]
             rollouts = build_rollouts([prompts[j // g.n] for j in kept[::g.n]] if kept else [],
                                       [completions[j] for j in kept], [scores[j] for j in kept], advantages[kept], g.n)
         # 3. old and reference log-probs on packed sequences
@@ -313,6 +320,8 @@ def run_grpo(ctx: StageContext) -> None:
             n_mini = g.rollout_batch_size // g.mini_batch_size  # the same on every rank: collectives line up
             for _ in range(g.epochs):
                 for m0 in range(n_mini):
+                    if not step_ok:  # the same decision on every rank: the collectives stay in step
+                        break
                     part = rollouts[m0 * len(rollouts) // n_mini:(m0 + 1) * len(rollouts) // n_mini]
                     if on_policy:
                         for r, lp in zip(part, compute_logprobs(ctx.policy, part, ctx=ctx,
@@ -320,9 +329,16 @@ def run_grpo(ctx: StageContext) -> None:
                                                                 temperature=g.temperature)):
                             r.old_logprobs = lp
                     train_stats = update(ctx, part, opt, sched, g, with_ref=with_ref)
+                    if not train_stats.pop("finite"):
+                        step_ok = False  # the updates still to come would start from a non-finite step
+                        guard.bad(step, "loss or gradient norm")
+            if step_ok:
+                guard.good()
         # 5. metrics (the next step's sync pushes the new weights to the engine)
         row = rollout_metrics(ctx, scores, lengths, completions, rollouts, skips, len(prompts))
         row.update(train_stats)
+        row["train/skipped_steps"] = guard.skipped
+        row.update(skips.metrics())
         row.update(timer.times)
         row.update(vllm_mem)
         dt = time.perf_counter() - t0
@@ -336,8 +352,8 @@ def run_grpo(ctx: StageContext) -> None:
             vrow = validate(ctx, val_table, temperature=g.val_temperature, n=g.val_n)
             ctx.metrics.log("grpo", step, vrow)
             log.info("grpo step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in vrow.items()))
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
-            ctx.save(step, opt, sched, skips)
+        ctx.end_step(step, opt, sched, skips, guard,
+                     save=bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last)
     ctx.metrics.close_bar()
     ctx.finish()
 

@@ -90,7 +90,8 @@ def run_sft(ctx: StageContext) -> None:
                                  schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio,
                                  total_steps=total_steps)
     skips = SkipCounter()
-    start = ctx.resume(opt, sched, skips)
+    guard = ctx.bad_step_guard()
+    start = ctx.resume(opt, sched, skips, guard)
     log.info("sft: %d steps of %d sequences (%d train rows, %d val rows), lr %.3g, from step %d",
              total_steps, scfg.global_batch_size, len(train_table), len(val_table), ctx.lr, start)
     ctx.metrics.start_bar("sft", total_steps, start)
@@ -104,15 +105,16 @@ def run_sft(ctx: StageContext) -> None:
         out = run_step(ctx, samples, scfg.max_tokens_per_microbatch)
         grad_norm = clip_grad_norm(ctx.policy, cfg.optim.grad_clip)
         lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
+        if guard.check(step, "loss or gradient norm", out["nll_sum"], grad_norm):
+            opt.step()
+            sched.step()
+            guard.good()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        skipped = int(dist.all_reduce(torch.tensor([skips.total]), "sum").item())
         row = {"train/loss": out["nll_sum"] / max(out["loss_tokens"], 1.0), "train/grad_norm": grad_norm,
                "train/lr": lr, "perf/tokens_per_s": out["tokens"] / dt, "time/train": dt,
-               "mem/peak_gb": peak_memory_gb(ctx.device), "data/skipped": skipped,
-               "data/loss_tokens": out["loss_tokens"]}
+               "mem/peak_gb": peak_memory_gb(ctx.device), "data/loss_tokens": out["loss_tokens"],
+               "train/skipped_steps": guard.skipped, **skips.metrics()}
         if step % scfg.log_every == 0 or step == total_steps:
             ctx.metrics.log("sft", step, row)
         ctx.metrics.update_bar({"loss": row["train/loss"], "tok/s": row["perf/tokens_per_s"]})
@@ -125,8 +127,8 @@ def run_sft(ctx: StageContext) -> None:
                 vrow.update(validate(ctx, val_table, temperature=cfg.grpo.val_temperature, n=cfg.grpo.val_n))
             ctx.metrics.log("sft", step, vrow)
             log.info("sft step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in vrow.items()))
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
-            ctx.save(step, opt, sched, skips)
+        ctx.end_step(step, opt, sched, skips, guard,
+                     save=bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last)
     ctx.metrics.close_bar()
     ctx.finish()
 

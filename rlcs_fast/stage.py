@@ -28,6 +28,7 @@ from .data import (
     load_table,
     rank_share,
 )
+from .faults import BadStepGuard, Preempted, Preemption
 from .metrics import MetricsLogger
 from .model import (
     Policy,
@@ -69,6 +70,7 @@ class StageContext:
     _engine: Any = None
     _scorer: Any = None
     extra_state: dict[str, Any] = field(default_factory=dict)
+    preemption: Preemption | None = None  # set by the entry point around all stages
 
     @classmethod
     def create(cls, cfg: Config, stage: str, init_path: str, *, rank: int, world: int, device: torch.device,
@@ -193,13 +195,22 @@ class StageContext:
         return ref
 
     # --- checkpoints ------------------------------------------------------------------------------
-    def resume(self, opt, sched, skips: SkipCounter) -> int:
-        """Continue from the newest complete checkpoint of this stage when `run.resume` says so."""
+    def bad_step_guard(self) -> BadStepGuard:
+        return BadStepGuard(self.cfg.optim.max_bad_steps, self.stage)
+
+    def resume(self, opt, sched, skips: SkipCounter, guard: BadStepGuard | None = None) -> int:
+        """Continue from the newest complete, intact checkpoint of this stage when `run.resume` says so."""
         root = self.dir / "checkpoints"
         checkpoint.check_shared(root)
         checkpoint.clean_partial(root)
         resume = self.cfg.run.resume
-        path = None if resume == "never" else checkpoint.latest_checkpoint(root) if resume == "auto" else Path(resume)
+        if resume == "never":
+            path = None
+        elif resume == "auto":
+            path = checkpoint.latest_intact_checkpoint(root)
+        else:
+            path = Path(resume)
+            checkpoint.check_intact(path)
         if path is None:
             self.metrics.truncate_after(self.stage, 0)
             return 0
@@ -211,15 +222,28 @@ class StageContext:
             for saved in checkpoint.saved_extras(path):
                 skips.load_state(saved.get("skips", {}))
         self.extra_state = extra.get("stage_state", {})
+        if guard is not None:
+            guard.load_state(self.extra_state.get("bad_steps", {}))
         self.step = int(extra["step"])
         self.metrics.truncate_after(self.stage, self.step)
         log.info("%s: resumed from %s (step %d)", self.stage, path, self.step)
         return self.step
 
-    def save(self, step: int, opt, sched, skips: SkipCounter, stage_state: dict | None = None) -> None:
-        extra = {"step": step, "scheduler": sched.state_dict(), "skips": skips.state(),
-                 "stage_state": stage_state or {}}
-        checkpoint.save(self.dir / "checkpoints", step, self.policy, opt, extra, keep=self.cfg.checkpoint.keep)
+    def save(self, step: int, opt, sched, skips: SkipCounter, guard: BadStepGuard | None = None) -> Path:
+        stage_state = {"bad_steps": guard.state()} if guard is not None else {}
+        extra = {"step": step, "scheduler": sched.state_dict(), "skips": skips.state(), "stage_state": stage_state}
+        return checkpoint.save(self.dir / "checkpoints", step, self.policy, opt, extra, keep=self.cfg.checkpoint.keep)
+
+    def end_step(self, step: int, opt, sched, skips: SkipCounter, guard: BadStepGuard, *, save: bool) -> None:
+        """After a step's update, validation and metrics: the periodic checkpoint (`save`), then the
+        preemption check, collective and every step. Preempted: the step's checkpoint is written (once)
+        and `Preempted` raised on every rank."""
+        path = self.save(step, opt, sched, skips, guard) if save else None
+        if self.preemption is not None and self.preemption.requested():
+            path = path or self.save(step, opt, sched, skips, guard)
+            log.warning("%s: preemption signal received, stopping after step %d with checkpoint %s",
+                        self.stage, step, path)
+            raise Preempted(self.stage, step, path)
 
     def finish(self) -> Path:
         """Export the stage's model as a Hugging Face directory and mark the stage done."""

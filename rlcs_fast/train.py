@@ -1,6 +1,10 @@
 """Entry point: ``python -m rlcs_fast.train --cfg configs/tiny.toml [--section.key value ...]``, also
 under ``torchrun``. Runs the stages of ``run.stages`` in order; GRPO starts from the SFT export.
-``--dry-run`` validates the config and prints the run plan (model, data, batches, memory) instead."""
+``--dry-run`` validates the config and prints the run plan (model, data, batches, memory) instead.
+
+Exit status: 0 done; 1 an error (a traceback; one line for too many non-finite steps in a row and for a
+checkpoint that could not be written); 2 a config error; 75 (``faults.EXIT_PREEMPTED``) stopped by
+SIGTERM / SIGUSR1 after writing a checkpoint, resumable with ``run.resume = "auto"``."""
 
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ from pathlib import Path
 import torch
 
 from . import dist
+from .checkpoint import CheckpointError
 from .config import ConfigError, dump_toml, parse_args, to_dict
+from .faults import EXIT_PREEMPTED, Preempted, Preemption, TooManyBadSteps
 from .metrics import MetricsLogger, setup_logging
 from .model import resolve_model_path
 from .stage import StageContext, stage_dir, stage_done
@@ -31,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = build_plan(cfg)
         print(format_plan(plan, cfg))
         return 0 if plan.ok else 1
-    rank, world, device = dist.init(cfg.run.device)
+    rank, world, device = dist.init(cfg.run.device, timeout_s=cfg.run.collective_timeout_s)
     setup_logging(rank)
     torch.manual_seed(cfg.run.seed)
     run_dir = Path(cfg.run.dir)
@@ -43,22 +49,19 @@ def main(argv: list[str] | None = None) -> int:
                             wandb_project=cfg.log.wandb_project, config=to_dict(cfg))
     init_path = resolve_model_path(cfg.model.path, tiny_seed=cfg.model.tiny_seed)
     try:
-        for stage in cfg.run.stages:
-            if cfg.run.resume == "auto" and stage_done(run_dir, stage):
-                log.info("%s: already done in %s, skipping", stage, stage_dir(run_dir, stage))
-            else:
-                ctx = StageContext.create(cfg, stage, init_path, rank=rank, world=world, device=device,
-                                          metrics=metrics)
-                if stage == "sft":
-                    from .sft import run_sft
-
-                    run_sft(ctx)
-                else:
-                    from .grpo import run_grpo
-
-                    run_grpo(ctx)
-                del ctx
-            init_path = str(stage_dir(run_dir, stage) / "hf")
+        with Preemption() as preemption:
+            run_stages(cfg, init_path, rank=rank, world=world, device=device, metrics=metrics,
+                       preemption=preemption)
+    except Preempted as e:
+        log.warning("%s; exiting with status %d (resume with run.resume = \"auto\")", e, EXIT_PREEMPTED)
+        metrics.close()
+        dist.shutdown()  # every rank stopped after the same step: they leave together
+        return EXIT_PREEMPTED
+    except (TooManyBadSteps, CheckpointError) as e:  # agreed by all ranks; the message says what to do
+        log.error("%s", e)
+        metrics.close()
+        dist.shutdown(wait=False)
+        return 1
     except BaseException:
         metrics.close()
         dist.shutdown(wait=False)
@@ -67,6 +70,27 @@ def main(argv: list[str] | None = None) -> int:
     dist.shutdown()
     return 0
 
+
+def run_stages(cfg, init_path: str, *, rank: int, world: int, device: torch.device, metrics: MetricsLogger,
+               preemption: Preemption) -> None:
+    run_dir = Path(cfg.run.dir)
+    for stage in cfg.run.stages:
+        if cfg.run.resume == "auto" and stage_done(run_dir, stage):
+            log.info("%s: already done in %s, skipping", stage, stage_dir(run_dir, stage))
+        else:
+            ctx = StageContext.create(cfg, stage, init_path, rank=rank, world=world, device=device,
+                                      metrics=metrics)
+            ctx.preemption = preemption
+            if stage == "sft":
+                from .sft import run_sft
+
+                run_sft(ctx)
+            else:
+                from .grpo import run_grpo
+
+                run_grpo(ctx)
+            del ctx
+        init_path = str(stage_dir(run_dir, stage) / "hf")
 
 if __name__ == "__main__":
     sys.exit(main())
