@@ -37,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         plan = build_plan(cfg)
         print(format_plan(plan, cfg))
         return 0 if plan.ok else 1
+    # handlers from the start: a signal during start-up (process group, model load) is acted on after the
+    # first step instead of killing the process
+    with Preemption() as preemption:
+        return run(cfg, preemption)
+
+
+def run(cfg, preemption: Preemption) -> int:
     rank, world, device = dist.init(cfg.run.device, timeout_s=cfg.run.collective_timeout_s)
     setup_logging(rank)
     torch.manual_seed(cfg.run.seed)
@@ -49,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                             wandb_project=cfg.log.wandb_project, config=to_dict(cfg))
     init_path = resolve_model_path(cfg.model.path, tiny_seed=cfg.model.tiny_seed)
     try:
-        with Preemption() as preemption:
-            run_stages(cfg, init_path, rank=rank, world=world, device=device, metrics=metrics,
-                       preemption=preemption)
+        run_stages(cfg, init_path, rank=rank, world=world, device=device, metrics=metrics, preemption=preemption)
     except Preempted as e:
         log.warning("%s; exiting with status %d (resume with run.resume = \"auto\")", e, EXIT_PREEMPTED)
         metrics.close()
