@@ -62,6 +62,7 @@ def _kernels() -> list[dict]:
         return torch.empty(1, dtype=dtype, device="meta")
 
     bf, f32, i64, u8 = t(torch.bfloat16), t(torch.float32), t(torch.int64), t(torch.uint8)
+    bucket = _common.token_bucket
     N, H, V = N_TOKENS, HIDDEN, VOCAB
     # triton_stats' vocabulary split on an H100 (a multiple of 256, as there).
     splits = max(1, min(triton.cdiv(V, 2048), triton.cdiv(2 * N_SM, triton.cdiv(N, 128))))
@@ -73,9 +74,9 @@ def _kernels() -> list[dict]:
                    g_ent_ptr=f32, dl_ptr=bf, N=N, V=V, H=H, inv_temp=1.0,
                    stride_hn=H, stride_wv=H, stride_ln=V, stride_dn=V)  # fmt: skip
     # dh = dlogits @ W; dW (+)= dlogits^T @ h (the transposed view: unit stride along M).
-    mm_dh = dict(a_ptr=bf, b_ptr=bf, c_ptr=bf, M=N, N=H, K=V,
+    mm_dh = dict(a_ptr=bf, b_ptr=bf, c_ptr=bf, M=N, N=H, K=V, M_BUCKET=bucket(N), K_BUCKET=bucket(V),
                  stride_am=V, stride_ak=1, stride_bk=H, stride_bn=1, stride_cm=H, stride_cn=1)  # fmt: skip
-    mm_dw = dict(a_ptr=bf, b_ptr=bf, c_ptr=f32, M=V, N=H, K=N,
+    mm_dw = dict(a_ptr=bf, b_ptr=bf, c_ptr=f32, M=V, N=H, K=N, M_BUCKET=bucket(V), K_BUCKET=bucket(N),
                  stride_am=1, stride_ak=V, stride_bk=H, stride_bn=1, stride_cm=H, stride_cn=1)  # fmt: skip
     grpo_args = dict(lp_ptr=f32, old_ptr=f32, adv_ptr=f32, mask_ptr=u8, w_ptr=f32, ref_ptr=f32, grad_ptr=f32,
                      part_ptr=f32, N=N, num_programs=2, clip_low=0.2, clip_high=0.2, clip_dual=3.0,
@@ -83,7 +84,8 @@ def _kernels() -> list[dict]:
     dot = {"UPCAST": False, "INPUT_PRECISION": "tf32"}
 
     def cfgs(configs):
-        return [{"kwargs": dict(c.kwargs), "num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
+        return [{"kwargs": dict(c.kwargs), "num_warps": c.num_warps, "num_stages": c.num_stages}
+                for c in configs]  # fmt: skip
 
     grpo_cfg = [{"kwargs": {"BLOCK_T": gl.GRPO_BLOCK_T}, "num_warps": gl.GRPO_NUM_WARPS, "num_stages": 3}]
     return [
@@ -117,9 +119,8 @@ def _specialize(fn, args: dict, const: dict) -> tuple[dict, dict, dict]:
             signature[p.name] = "constexpr"
             constexprs[(i,)] = const[p.name]
             continue
-        ty, key = native_specialize_impl(
-            BaseBackend, args[p.name], p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment
-        )
+        specialize, align = not p.do_not_specialize, not p.do_not_specialize_on_alignment
+        ty, key = native_specialize_impl(BaseBackend, args[p.name], p.is_const, specialize, align)
         signature[p.name] = ty
         if ty == "constexpr":  # an integer equal to 1 (a unit stride) becomes a compile-time constant
             constexprs[(i,)] = key
@@ -128,12 +129,16 @@ def _specialize(fn, args: dict, const: dict) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
+def _run(cmd: list[str]) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
 def _cubin_info(cubin: bytes) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         Path(path).write_bytes(cubin)
-        res = subprocess.run([_bin("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_bin("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+        res = _run([_bin("cuobjdump"), "-res-usage", path])
+        sass = _run([_bin("cuobjdump"), "-sass", path])
     return {
         "regs": int(re.search(r"REG:(\d+)", res).group(1)),
         "stack": int(re.search(r"STACK:(\d+)", res).group(1)),
@@ -181,7 +186,9 @@ def compile_one(kernel: dict, config: dict, arch: int) -> dict:
 
 def report(archs: list[int], first_config_only: bool = False) -> dict[int, list[dict]]:
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("run the AOT report without TRITON_INTERPRET=1 (the interpreter replaces the compiler)")
+        raise RuntimeError(
+            "run the AOT report without TRITON_INTERPRET=1 (the interpreter replaces the compiler)"
+        )
     out: dict[int, list[dict]] = {}
     for arch in archs:
         rows = []
@@ -193,14 +200,16 @@ def report(archs: list[int], first_config_only: bool = False) -> dict[int, list[
 
 
 def _print(rows: list[dict]) -> None:
-    print(f"{'kernel':28} {'config':48} {'arch':7} {'regs':>4} {'spill':>5} {'stack':>5} {'smem':>7} {'hgmma':>5}")
+    print(f"{'kernel':28} {'config':48} {'arch':7} {'regs':>4} {'spill':>5} {'stack':>5} {'smem':>7} "
+          f"{'hgmma':>5}")  # fmt: skip
     for r in rows:
         c = r["config"]
         blocks = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK"))
-        cfg = f"{blocks} w{c['num_warps']} s{c['num_stages']}" + (f" g{c['GROUP_M']}" if "GROUP_M" in c else "")
+        group = f" g{c['GROUP_M']}" if "GROUP_M" in c else ""
+        cfg = f"{blocks} w{c['num_warps']} s{c['num_stages']}{group}"
         hg = r["hgmma"] if r["hgmma"] is not None else "-"
-        print(f"{r['kernel']:28} {cfg:48} {r['arch']:7} {r['regs']:>4} {r['spill_stores']:>5} {r['stack']:>5} "
-              f"{r['smem']:>7} {hg:>5}")  # fmt: skip
+        print(f"{r['kernel']:28} {cfg:48} {r['arch']:7} {r['regs']:>4} {r['spill_stores']:>5} "
+              f"{r['stack']:>5} {r['smem']:>7} {hg:>5}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

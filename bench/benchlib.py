@@ -7,9 +7,10 @@ in the noise, except for the elementwise GRPO loss, whose numbers are therefore 
 median of the timed rounds is reported; warm-up rounds (autotuning, ``torch.compile``) are not counted.
 
 Floor: the matmul work of the op (2·N·H·V for a forward, 6·N·H·V for forward+backward: logits, dh, dW) at
-the bf16 rate a plain ``torch.mm`` of the same [N, H] × [H, V] shape reaches in the same run. ``floor_fraction``
-= floor time / measured time (1.0 = as fast as the matmuls alone). The elementwise GRPO loss is bounded by
-bytes instead: ``bytes / copy bandwidth`` (a device-to-device copy measured in the same run).
+the bf16 rate a plain ``torch.mm`` of the same [N, H] × [H, V] shape reaches in the same run.
+``floor_fraction`` = floor time / measured time (1.0 = as fast as the matmuls alone). The elementwise GRPO
+loss is bounded by bytes instead: ``bytes / copy bandwidth`` (a device-to-device copy measured in the same
+run).
 
 Results: one JSON per run (``write_results``), holding :func:`rlcs_fast.profile.environment` (device,
 versions, git revision) and one record per benchmark; ``bench/render.py`` turns them into README tables.
@@ -133,8 +134,8 @@ def peak_memory_delta(fn: Callable[[], Any], device: torch.device,
     return (torch.cuda.max_memory_allocated(device) - base) / 2**30
 
 
-def measure(benchmark, fn: Callable[[], Any], record: Record, *, device: torch.device, rounds: int, warmup: int,
-            matmul_flops: float | None = None, matmul_tflops: float | None = None,
+def measure(benchmark, fn: Callable[[], Any], record: Record, *, device: torch.device, rounds: int,
+            warmup: int, matmul_flops: float | None = None, matmul_tflops: float | None = None,
             bytes_moved: float | None = None, copy_gbps: float | None = None,
             setup: Callable[[], Any] | None = None) -> Record:
     """``warmup`` untimed calls (at least one on a GPU), the peak memory of one warm call, then ``rounds``

@@ -29,11 +29,13 @@ NO_GPU_REASON = ("no CUDA GPU: the kernel benchmarks time bf16 kernels on a GPU;
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("rlcs_fast bench")
     g.addoption("--bench-ci", action="store_true", help="run every benchmark body once at tiny CPU shapes")
-    g.addoption("--bench-out", default=None, help="results JSON path (default: bench/results/kernels_<device>.json)")
+    g.addoption("--bench-out", default=None,
+                help="results JSON path (default: bench/results/kernels_<device>.json)")
     g.addoption("--bench-tokens", default=None, help="comma-separated N values (default 2048,...,32768)")
     g.addoption("--bench-models", default="3b,7b", help="comma-separated shapes among 3b,7b")
     g.addoption("--bench-rounds", type=int, default=10, help="timed rounds per benchmark")
-    g.addoption("--bench-warmup", type=int, default=2, help="untimed rounds per benchmark (autotune, compile)")
+    g.addoption("--bench-warmup", type=int, default=2,
+                help="untimed rounds per benchmark (autotune, compile)")
 
 
 def _ci(config: pytest.Config) -> bool:
@@ -99,6 +101,11 @@ def bench_run(request: pytest.FixtureRequest) -> BenchRun:
     run = BenchRun(request.config)
     request.config._rlcs_bench_run = run
     return run
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    # Rewritten after every benchmark, so a run killed at a time limit (bench/gpu_check.py) keeps its records.
+    pytest_sessionfinish(item.session, 0)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

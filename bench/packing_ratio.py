@@ -169,7 +169,8 @@ def run(synthetic_rows: int = 512, public_rows: int = 8192, seed: int = 0) -> di
         "baselines": {
             "padded_bN": "fixed N sequences per rank micro-batch, data order, padded to the longest",
             "padded_matched": "as many micro-batches as the packed plan, data order, padded to the longest",
-            "padded_matched_sorted": "as padded_matched with each rank's step sorted by length (length-grouped)",
+            "padded_matched_sorted": ("as padded_matched with each rank's step sorted by length "
+                                      "(length-grouped)"),
         },
         "sets": {},
     }
@@ -190,11 +191,10 @@ def run(synthetic_rows: int = 512, public_rows: int = 8192, seed: int = 0) -> di
         public_rows, min_pixels=sft.data.min_pixels, max_pixels=sft.data.max_pixels,
         response_cap=sft.grpo.max_response_length, max_length=sft.data.max_length, seed=seed)
     # 4 ranks: the recipe's SFT ran on 4 GPUs (SFT/qwen2.5vl_sft.sh NPROC_PER_NODE=4)
+    sft_setting = Setting(sft.sft.global_batch_size, 4, sft.sft.max_tokens_per_microbatch, (1, 4, 8))
     result["sets"]["public_sft_simulated"] = {
-        "source": "configs/sft_7b.toml (pixels, max_length, batch, budget), 4 ranks", "assumptions": assumptions,
-        "dropped_too_long": dropped,
-        **compare(lengths, Setting(sft.sft.global_batch_size, 4, sft.sft.max_tokens_per_microbatch, (1, 4, 8)),
-                  seed)}
+        "source": "configs/sft_7b.toml (pixels, max_length, batch, budget), 4 ranks",
+        "assumptions": assumptions, "dropped_too_long": dropped, **compare(lengths, sft_setting, seed)}
     # GRPO update: mini_batch_size prompts x n responses per update, 8 ranks (EasyR1 config.yaml
     # n_gpus_per_node 8), padded baseline b = 4 (micro_batch_size_per_device_for_update)
     g = grpo.grpo

@@ -58,9 +58,10 @@ def kernel_tables(name: str, run: dict[str, Any]) -> list[str]:
             methods[key].append(r["method"])
     for (op, variant, mode), recs in groups.items():
         ms = methods[(op, variant, mode)]
-        out += [f"`{op}`{variant} {mode}: median ms (peak extra GiB); last column: fraction of the floor reached "
-                "by `rlcs_triton`", "",
-                "| shape | N | " + " | ".join(ms) + " | floor fraction |", "|---|---:|" + "---:|" * (len(ms) + 1)]
+        out += [f"`{op}`{variant} {mode}: median ms (peak extra GiB); last column: fraction of the floor "
+                "reached by `rlcs_triton`", "",
+                "| shape | N | " + " | ".join(ms) + " | floor fraction |",
+                "|---|---:|" + "---:|" * (len(ms) + 1)]
         for model, n in sorted({(m, n) for m, n, _ in recs}, key=lambda x: (x[0], x[1])):
             cells = []
             for m in ms:
@@ -79,12 +80,13 @@ def kernel_tables(name: str, run: dict[str, Any]) -> list[str]:
 
 
 def profile_table(data: dict[str, Any]) -> list[str]:
-    runs = {k: d for k, d in data.items()
-            if isinstance(d, dict) and d.get("kind") == "profile" and d["environment"]["device_type"] == "cuda"}
+    runs = {k: d for k, d in data.items() if isinstance(d, dict) and d.get("kind") == "profile"
+            and d["environment"]["device_type"] == "cuda"}
     if not runs:
         return []
     out = ["#### Training step (`python -m rlcs_fast.profile`)", "",
-           "| model | device | layers | tokens | step ms (fwd / bwd / opt) | tokens/s | MFU | peak GiB | rollout tok/s |",
+           "| model | device | layers | tokens | step ms (fwd / bwd / opt) | tokens/s | MFU | peak GiB "
+           "| rollout tok/s |",
            "|---|---|---|---:|---|---:|---:|---:|---:|"]
     for _, d in sorted(runs.items()):
         t, s = d.get("scaled_to_full_depth") or d["train"], d["settings"]
@@ -98,16 +100,19 @@ def profile_table(data: dict[str, Any]) -> list[str]:
             ro_tps += f" ({ro['decoder_layers']} layers)"
         out.append(f"| {d['model']} | {d['environment']['device']} | {layers} | {d['train']['tokens']:,} | "
                    f"{ts['step'] * 1e3:.0f} ({ts['forward'] * 1e3:.0f} / {ts['backward'] * 1e3:.0f} / "
-                   f"{ts['optimizer'] * 1e3:.0f}) | {t['tokens_per_s']:,.0f} | {t['mfu']:.1%} | {_fmt(peak, '.1f')} | "
-                   f"{ro_tps} |")
+                   f"{ts['optimizer'] * 1e3:.0f}) | {t['tokens_per_s']:,.0f} | {t['mfu']:.1%} | "
+                   f"{_fmt(peak, '.1f')} | {ro_tps} |")
     return out + [""]
 
 
 def aot_table(rows: list[dict[str, Any]], name: str) -> list[str]:
-    out = [f"#### Ahead-of-time compile for {rows[0]['arch']} (`bench/aot_report.py`, `bench/results/{name}.json`)", "",
+    out = [f"#### Ahead-of-time compile for {rows[0]['arch']} (`bench/aot_report.py`, "
+           f"`bench/results/{name}.json`)", "",
            "Every Triton kernel and autotune config compiled on the CPU for the GPU target, as the JIT would "
-           "(same specialisation): registers, spills, shared memory, and warpgroup tensor-core instructions.", "",
-           "| kernel | config | regs | spill stores / loads | smem KiB | HGMMA |", "|---|---|---:|---:|---:|---:|"]
+           "(same specialisation): registers, spills, shared memory, and warpgroup tensor-core "
+           "instructions.", "",
+           "| kernel | config | regs | spill stores / loads | smem KiB | HGMMA |",
+           "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         c = r["config"]
         blocks = "×".join(str(v) for k, v in c.items() if k.startswith("BLOCK"))
@@ -134,8 +139,8 @@ def render_markdown(data: dict[str, Any]) -> str:
     lines: list[str] = []
     kernels = gpu_kernel_runs(data)
     if not kernels:
-        lines += ["No GPU benchmark results yet: `bench/results/` holds no `kernels_<gpu>.json`. The figures below "
-                  "come from a CPU machine (compile reports and packing arithmetic, no timings).", ""]
+        lines += ["No GPU benchmark results yet: `bench/results/` holds no `kernels_<gpu>.json`. The figures "
+                  "below come from a CPU machine (compile reports and packing arithmetic, no timings).", ""]
     for name, run in sorted(kernels.items()):
         lines += kernel_tables(name, run)
     lines += profile_table(data)
@@ -152,7 +157,9 @@ def update_readme(readme: Path, markdown: str) -> bool:
     """Replace the text between the markers; True when the file changed."""
     text = readme.read_text()
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme}: markers not found; add these two lines where the tables go:\n{BEGIN}\n{END}")
+        raise SystemExit(
+            f"{readme}: markers not found; add these two lines where the tables go:\n{BEGIN}\n{END}"
+        )
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     new = head + BEGIN + "\n" + markdown + END + tail
@@ -169,11 +176,13 @@ def plot(data: dict[str, Any], out_dir: Path) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("bench/render.py: matplotlib is missing, no plots (pip install 'rlcs-fast[plot]')", file=sys.stderr)
+        print("bench/render.py: matplotlib is missing, no plots (pip install 'rlcs-fast[plot]')",
+              file=sys.stderr)
         return []
     written = []
     for name, run in sorted(gpu_kernel_runs(data).items()):
-        series: dict[tuple, dict[str, list[tuple[int, float, float | None]]]] = defaultdict(lambda: defaultdict(list))
+        # (op, variant, mode, model) -> method -> [(N, median ms, peak GiB)]
+        series: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         for r in run["records"]:
             if r["status"] == "ok":
                 key = (r["op"], r["variant"], r["mode"], r["model"])
@@ -194,8 +203,8 @@ def plot(data: dict[str, Any], out_dir: Path) -> list[Path]:
                 ax.grid(True, which="both", alpha=0.3)
             ax_t.legend(fontsize=8)
             hidden = sorted({r["H"] for r in run["records"] if r["op"] == op and r["model"] == model})
-            fig.suptitle(f"{op}{variant} {mode}, {model} (H={'/'.join(map(str, hidden)) if model != 'any' else '-'}), "
-                         f"{run['environment']['device']}")
+            h = "/".join(map(str, hidden)) if model != "any" else "-"
+            fig.suptitle(f"{op}{variant} {mode}, {model} (H={h}), {run['environment']['device']}")
             fig.tight_layout()
             path = out_dir / f"{name}__{op}{variant.replace('+', '_')}__{mode.replace('+', '_')}__{model}.png"
             path.parent.mkdir(parents=True, exist_ok=True)

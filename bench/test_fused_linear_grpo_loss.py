@@ -54,7 +54,8 @@ def test_fused_linear_grpo_loss(benchmark, bench_run, shape, method, mode):
     adv = seq_adv.repeat_interleave(seq_len)
     if method == "rlcs_triton":
         def f():
-            return fused_linear_grpo_loss(h, w, t, old, adv, mask, ref_logprobs=ref, impl=run.impl, **OPTIONS)[0]
+            return fused_linear_grpo_loss(h, w, t, old, adv, mask, ref_logprobs=ref, impl=run.impl,
+                                          **OPTIONS)[0]  # fmt: skip
     elif method == "rlcs_triton_composed":
         def f():
             lp = fused_linear_logprob(h, w, t, impl=run.impl)
@@ -76,12 +77,14 @@ def test_fused_linear_grpo_loss(benchmark, bench_run, shape, method, mode):
         loss_fn = liger.LigerFusedLinearGRPOLoss(
             beta=OPTIONS["kl_coef"], epsilon_low=OPTIONS["clip_low"], epsilon_high=OPTIONS["clip_high"],
             loss_type="dapo", use_ref_model=True, compiled=not run.ci)
-        if mode == "fwd":  # its forward always forms dh/dW (torch.autograd.grad per chunk, even under no_grad)
+        # Its forward always forms dh/dW (torch.autograd.grad per chunk, even under no_grad).
+        if mode == "fwd":
             rec.extra["note"] = "Liger has no forward-only path: this time includes its gradient GEMMs"
 
         def f():
-            return loss_fn(h.view(b, seq_len, -1), w, t.view(b, seq_len), mask.view(b, seq_len).long(), seq_adv,
-                           ref_per_token_logps=ref.view(b, seq_len), old_per_token_logps=old.view(b, seq_len))[0]
+            return loss_fn(h.view(b, seq_len, -1), w, t.view(b, seq_len), mask.view(b, seq_len).long(),
+                           seq_adv, ref_per_token_logps=ref.view(b, seq_len),
+                           old_per_token_logps=old.view(b, seq_len))[0]  # fmt: skip
 
     mult = 2 if mode == "fwd" else 6
     run_case(benchmark, run, rec, f, [h, w], matmul_flops=mult * shape["N"] * shape["H"] * shape["V"])

@@ -72,5 +72,6 @@ def test_fused_linear_logprob(benchmark, bench_run, shape, method, mode, with_en
              matmul_flops=mult * shape["N"] * shape["H"] * shape["V"])
     if run.ci:  # every method must compute the same function as float64 math on the same inputs
         out, ref = f(), naive(h.double(), w.double(), t, with_entropy)
-        for a, e, name in zip(out if with_entropy else (out,), ref if with_entropy else (ref,), ("logprob", "entropy")):
+        outs, refs = (out, ref) if with_entropy else ((out,), (ref,))
+        for a, e, name in zip(outs, refs, ("logprob", "entropy")):
             assert_close(a, e, 1e-2, f"{method} {name}")

@@ -50,5 +50,6 @@ def test_grpo_loss(benchmark, bench_run, n_tokens, method, mode):
     bytes_moved = n_tokens * (4 * 4 + 1) + (n_tokens * 4 if mode == "fwd+bwd" else 0)
     run_case(benchmark, run, rec, f, [lp], bytes_moved=bytes_moved)
     if run.ci:
-        expected = grpo_loss_reference(lp.double(), old.double(), adv.double(), mask, ref_logprobs=ref.double(), **OPTIONS)[0]
+        expected = grpo_loss_reference(lp.double(), old.double(), adv.double(), mask,
+                                       ref_logprobs=ref.double(), **OPTIONS)[0]  # fmt: skip
         assert_close(f(), expected, 1e-5, method)

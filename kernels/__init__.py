@@ -1,10 +1,7 @@
-"""Triton kernels of rlcs_fast, installed and imported as ``rlcs_fast.kernels``.
+"""Triton kernels of rlcs_fast, imported as ``rlcs_fast.kernels``.
 
-This folder sits at the repository root (as the users asked), so whenever the root is on ``sys.path``
-(``python -m ...`` or ``torchrun -m ...`` from a checkout) it is also visible as a top-level package
-named ``kernels``, the name of the PyPI package that transformers probes for hub kernels. Imported under
-that name, this module hands the name over to the real ``kernels`` distribution when one is installed
-and otherwise stays an empty module, so transformers sees "not available" instead of our code.
+Why this folder sits at the repository root, how it becomes that subpackage, and why it steps aside when
+imported as a top-level ``kernels``: the docstring of ``rlcs_fast/__init__.py``.
 """
 
 if __name__ == "kernels":

@@ -1,10 +1,10 @@
 """Shared plumbing for the Triton kernels: backend choice, launch configs, and one tiled matmul.
 
-Under ``TRITON_INTERPRET=1`` (CPU CI) every kernel runs through Triton's numpy interpreter, which costs about
-a millisecond per program and multiplies bf16 ``tl.dot`` operands as raw integer bits. Kernels therefore take
-an ``UPCAST`` constexpr (operands go to float32 before ``tl.dot`` when interpreting) and launch with one fixed,
-large-block config (``INTERPRET_BLOCKS``, which tests may shrink to reach several blocks per dimension).
-On a GPU the kernels are autotuned over a short list of Hopper-friendly configs.
+Under ``TRITON_INTERPRET=1`` (CPU CI) every kernel runs through Triton's numpy interpreter, which costs
+about a millisecond per program and multiplies bf16 ``tl.dot`` operands as raw integer bits. Kernels
+therefore take an ``UPCAST`` constexpr (operands go to float32 before ``tl.dot`` when interpreting) and
+launch with one fixed, large-block config (``INTERPRET_BLOCKS``, which tests may shrink to reach several
+blocks per dimension). On a GPU the kernels are autotuned over a short list of Hopper-friendly configs.
 """
 
 from __future__ import annotations
@@ -74,6 +74,34 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The linear head (hidden @ weight.T) shared by the fused log-prob and the fused GRPO loss.
+# ----------------------------------------------------------------------------------------------------------
+def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
+    assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], (
+        f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [N, H] and [V, H]"
+    )
+    N = hidden.shape[0]
+    assert targets.shape == (N,), f"targets {tuple(targets.shape)} must be [N={N}]"
+    assert hidden.dtype == weight.dtype, f"hidden {hidden.dtype} and weight {weight.dtype} must share a dtype"
+
+
+def default_chunk_size(n_tokens: int, vocab: int) -> int:
+    """Tokens per chunk: chunk·V ≈ 2^29 elements (a 1 GiB bf16 dlogits buffer), a power of two."""
+    target = max(128, (1 << 29) // max(vocab, 1))
+    return min(max(n_tokens, 1), 1 << (target.bit_length() - 1))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch path's logits and the dW accumulator: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dlogits_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16 has fp32's range; fp16 dlogits (≈ p / n_tokens) would flush to zero, so fp16 inputs keep fp32.
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------
 # C (+)= A @ B with float32 accumulation; any strides, so transposed views cost nothing. It computes
 # dh = dlogits @ W and dW += dlogits^T @ h: both are plain GEMMs once dlogits of a token chunk exist, and a
 # GEMM tiled over the output owns each output tile, so dW needs no atomics (the usual fused-CE kernels
@@ -94,9 +122,21 @@ MATMUL_CONFIGS = [
 ]
 _ACCUMULATE_MAX_ACC_REGS = 64
 
+# The autotune key. The token count of a micro-batch (M of dh = dlogits @ W, K of dW = dlogitsᵀ @ h) changes
+# with nearly every micro-batch; keyed on exact M and K the autotuner re-benchmarked every config each time
+# (≈ 0.75 s per micro-batch at 7B). What moves the best config is the order of magnitude of the token count
+# (how many tile rows fill the SMs, how long the K loop runs), so M and K enter the key as their next power
+# of two (``token_bucket``): at most log2(chunk / 16) + 1 tunings per GEMM shape over a whole run.
+MATMUL_TUNE_KEY = ["M_BUCKET", "N", "K_BUCKET"]
+
+
+def token_bucket(n: int) -> int:
+    """The autotune key of a token-count dimension: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
+
 
 def matmul_configs(accumulate: bool) -> list[triton.Config]:
-    """The spill-free subset of ``MATMUL_CONFIGS`` for the plain (C = A·B) or accumulating (C += A·B) kernel."""
+    """The spill-free ``MATMUL_CONFIGS`` of the plain (C = A·B) or accumulating (C += A·B) kernel."""
     if not accumulate:
         return list(MATMUL_CONFIGS)
     return [
@@ -105,15 +145,18 @@ def matmul_configs(accumulate: bool) -> list[triton.Config]:
     ]  # fmt: skip
 
 
-def _prune_matmul_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    keep = {id(c) for c in matmul_configs(bool(kwargs.get("ACCUMULATE", named_args.get("ACCUMULATE"))))}
-    return [c for c in configs if id(c) in keep]
+# C += A·B is never autotuned: a trial run reads and writes C, so tuning it needs a copy of C restored
+# after every trial (``restore_value``), and C is the fp32 dW (2.3 GiB at 7B), cloned at the memory peak.
+# The spill-free configs it may run differ only in pipeline depth, so it runs the first of them; the
+# non-accumulating variant, which overwrites C and can be re-run freely, is the one that is tuned.
+ACCUMULATE_CONFIG: triton.Config = matmul_configs(True)[0]
 
 
 @triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, c_ptr,
     M, N, K,
+    M_BUCKET, K_BUCKET,  # autotune key only (token_bucket of M and K)
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     ACCUMULATE: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -162,34 +205,68 @@ def _matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-# ACCUMULATE reads C: the autotuner's trial runs must not compound into it. ACCUMULATE is part of the key:
-# dW's first chunk (C = A·B) and later chunks (C += A·B) share M, N, K but not the config set.
-_matmul_tuned = autotuned(
-    _matmul_kernel, MATMUL_CONFIGS, key=["M", "N", "K", "ACCUMULATE"], restore_value=["c_ptr"],
-    prune_configs_by={"early_config_prune": _prune_matmul_configs},
-)  # fmt: skip
+def matmul_autotuner(do_bench: Callable | None = None):
+    """The autotuned C = A·B kernel (keyed by ``MATMUL_TUNE_KEY``); ``do_bench`` replaces Triton's timer."""
+    extra = {} if do_bench is None else {"do_bench": do_bench}
+    return triton.autotune(configs=MATMUL_CONFIGS, key=MATMUL_TUNE_KEY, **extra)(_matmul_kernel)
+
+
+_matmul_tuned = None if INTERPRET else matmul_autotuner()
 
 
 def matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, accumulate: bool) -> torch.Tensor:
     """``c = a @ b`` (or ``c += a @ b``) with float32 accumulation, written into ``c`` (any dtype)."""
     M, K = a.shape
     K2, N = b.shape
-    assert K == K2 and c.shape == (M, N), f"matmul shapes {tuple(a.shape)} @ {tuple(b.shape)} -> {tuple(c.shape)}"
+    assert K == K2 and c.shape == (M, N), (
+        f"matmul shapes {tuple(a.shape)} @ {tuple(b.shape)} -> {tuple(c.shape)}"
+    )
     # Mixed operand dtypes (fp32 dlogits with fp16 weights) and fp32 run as exact fp32 dots.
     upcast = INTERPRET or a.dtype != b.dtype or a.dtype == torch.float32
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    args = (a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
-    if _matmul_tuned is not None:
-        _matmul_tuned[grid](
-            *args, ACCUMULATE=accumulate, UPCAST=upcast, INPUT_PRECISION="ieee" if upcast else "tf32"
-        )
-    else:
+    args = (a, b, c, M, N, K, token_bucket(M), token_bucket(K),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    precision = "ieee" if upcast else "tf32"
+    if _matmul_tuned is not None and not accumulate:
+        _matmul_tuned[grid](*args, ACCUMULATE=False, UPCAST=upcast, INPUT_PRECISION=precision)
+        return c
+    if INTERPRET:
         meta = {"BLOCK_M": INTERPRET_BLOCKS["BLOCK_M"], "BLOCK_N": INTERPRET_BLOCKS["BLOCK_V"],
                 "BLOCK_K": INTERPRET_BLOCKS["BLOCK_K"], "GROUP_M": 4}  # fmt: skip
-        _matmul_kernel[grid(meta)](
-            *args, ACCUMULATE=accumulate, UPCAST=True, INPUT_PRECISION="ieee", **meta, num_warps=4
-        )
+        launch_opts = {"num_warps": 4}
+    else:
+        meta = dict(ACCUMULATE_CONFIG.kwargs)
+        launch_opts = {"num_warps": ACCUMULATE_CONFIG.num_warps, "num_stages": ACCUMULATE_CONFIG.num_stages}
+    _matmul_kernel[grid(meta)](
+        *args, ACCUMULATE=accumulate, UPCAST=upcast, INPUT_PRECISION=precision, **meta, **launch_opts
+    )
     return c
+
+
+def linear_backward_chunk(
+    dlogits: torch.Tensor,
+    h_chunk: torch.Tensor,
+    weight: torch.Tensor,
+    dh_chunk: torch.Tensor | None,
+    dw_acc: torch.Tensor | None,
+    *,
+    first: bool,
+    via_triton: bool,
+) -> None:
+    """dh_chunk = dlogits @ W and dw_acc (+)= dlogitsᵀ @ h_chunk (either may be None; ``first`` overwrites
+    dw_acc), with the Triton GEMM or torch's."""
+    if via_triton:
+        if dh_chunk is not None:
+            matmul_into(dlogits, weight, dh_chunk, accumulate=False)
+        if dw_acc is not None:
+            matmul_into(dlogits.t(), h_chunk, dw_acc, accumulate=not first)
+        return
+    if dh_chunk is not None:
+        dh_chunk.copy_(dlogits @ weight.to(dlogits.dtype))
+    if dw_acc is not None and first:
+        torch.mm(dlogits.t(), h_chunk.to(dlogits.dtype), out=dw_acc)
+    elif dw_acc is not None:
+        dw_acc.addmm_(dlogits.t(), h_chunk.to(dlogits.dtype))

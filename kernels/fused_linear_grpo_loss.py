@@ -21,24 +21,24 @@ Its values and gradients equal ``grpo_loss(fused_linear_logprob(...), ...)``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from ._common import use_triton
-from .fused_linear_logprob import (
-    _check,
-    _compute_dtype,
-    _dlogits_dtype,
+from ._common import (
+    check_linear_inputs,
+    compute_dtype,
     default_chunk_size,
+    dlogits_dtype,
     linear_backward_chunk,
-    torch_dlogits,
-    torch_stats_chunk,
-    triton_dlogits,
-    triton_stats,
+    use_triton,
 )
+from .fused_linear_logprob import torch_dlogits, torch_stats_chunk, triton_dlogits, triton_stats
 from .grpo_loss import (
+    STAT,
     GRPOOptions,
-    _reduce_parts,
     finish_stats,
+    reduce_partials,
     token_weights,
     torch_stat_sums,
     torch_token_terms,
@@ -50,7 +50,8 @@ def _torch_terms(lp, old, adv, mask, w, ref, opts):
     """(dloss/dlp, stat sums) of a chunk through autograd on verl's torch formulas."""
     lp = lp.detach().requires_grad_()
     with torch.enable_grad():
-        terms = torch_token_terms(lp, old.to(lp.dtype), adv.to(lp.dtype), None if ref is None else ref.to(lp.dtype), opts)
+        ref = None if ref is None else ref.to(lp.dtype)
+        terms = torch_token_terms(lp, old.to(lp.dtype), adv.to(lp.dtype), ref, opts)
         valid = mask != 0
         loss = (torch.where(valid, terms["loss"], 0.0) * w).sum()
         (grad,) = torch.autograd.grad(loss, lp)
@@ -59,79 +60,103 @@ def _torch_terms(lp, old, adv, mask, w, ref, opts):
 
 class _FusedLinearGRPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, old, adv, mask, ref, w, opts, inv_temp, with_entropy, triton, chunk):
-        N, H = hidden.shape
-        V = weight.shape[0]
+    def forward(
+        ctx, hidden, weight, targets, old, adv, mask, ref, w, opts, inv_temp, with_entropy, via_triton, chunk,
+        lp_out,
+    ):  # fmt: skip
+        N, V = hidden.shape[0], weight.shape[0]
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty_like(hidden) if need_dh else None
-        dw = torch.empty(weight.shape, device=weight.device, dtype=_compute_dtype(weight.dtype)) if need_dw else None
-        if triton:
+        # fp32 accumulator across chunks (fp64 for the fp64 reference): one rounding to the weight dtype.
+        dw = None
+        if need_dw:
+            dw = torch.empty(weight.shape, device=weight.device, dtype=compute_dtype(weight.dtype))
+        if via_triton:
             logits_buf = torch.empty((chunk, V), device=hidden.device, dtype=torch.float32)
-            dl_buf = torch.empty((chunk, V), device=hidden.device, dtype=_dlogits_dtype(hidden.dtype))
+            dl_buf = torch.empty((chunk, V), device=hidden.device, dtype=dlogits_dtype(hidden.dtype))
         sums, ent_sum = [], torch.zeros((), device=hidden.device, dtype=torch.float32)
         for i, c0 in enumerate(range(0, N, chunk)):
             sl = slice(c0, c0 + chunk)
             h_c, t_c, n_c = hidden[sl], targets[sl], min(chunk, N - c0)
             ref_c = None if ref is None else ref[sl]
-            if triton:
-                lse, zt, ent = triton_stats(h_c, weight, t_c, inv_temp, with_entropy, logits_out=logits_buf[:n_c])
-                g, s = triton_terms(zt - lse, old[sl], adv[sl], mask[sl], w[sl], ref_c, opts)
+            if via_triton:
+                logits = logits_buf[:n_c]
+                lse, zt, ent = triton_stats(h_c, weight, t_c, inv_temp, with_entropy, logits_out=logits)
+                lp = zt - lse
+                g, s = triton_terms(lp, lp if old is None else old[sl], adv[sl], mask[sl], w[sl], ref_c, opts)
                 if need_dh or need_dw:
-                    dl = triton_dlogits(h_c, weight, t_c, lse, None, g, None, inv_temp, dl_buf[:n_c], logits=logits_buf[:n_c])
-                    linear_backward_chunk(dl, h_c, weight, dh[sl] if need_dh else None, dw, i == 0)
+                    dl = triton_dlogits(h_c, weight, t_c, lse, None, g, None, inv_temp, dl_buf[:n_c],
+                                        logits=logits)  # fmt: skip
             else:
                 z, lse, zt, ent = torch_stats_chunk(h_c, weight, t_c, inv_temp)
                 # The same float32 log-prob the unfused op returns, so both paths agree bit for bit upstream.
                 lp = (zt - lse).float().to(z.dtype)
-                g, s = _torch_terms(lp, old[sl], adv[sl], mask[sl], w[sl].to(z.dtype), ref_c, opts)
+                old_c = lp if old is None else old[sl]
+                g, s = _torch_terms(lp, old_c, adv[sl], mask[sl], w[sl].to(z.dtype), ref_c, opts)
                 dl = torch_dlogits(z, t_c, lse, ent, g, None, inv_temp)
-                if need_dh:
-                    dh[sl] = dl @ weight.to(dl.dtype)
-                if need_dw and i == 0:
-                    torch.mm(dl.t(), h_c.to(dl.dtype), out=dw)
-                elif need_dw:
-                    dw.addmm_(dl.t(), h_c.to(dl.dtype))
+            if need_dh or need_dw:
+                linear_backward_chunk(dl, h_c, weight, dh[sl] if need_dh else None, dw, first=i == 0,
+                                      via_triton=via_triton)  # fmt: skip
+            if lp_out is not None:
+                lp_out[sl] = lp
             sums.append(s)
             if with_entropy:
                 ent_sum = ent_sum + torch.where(mask[sl] != 0, ent.float(), 0.0).sum()
-        stacked = torch.stack(sums, dim=1)
-        total = _reduce_parts(stacked)
-        ent_mean = ent_sum / total[8].clamp(min=1.0)
+        total = reduce_partials(torch.stack(sums, dim=1))
+        ent_mean = ent_sum / total[STAT["count"]].clamp(min=1.0)
         ctx.save_for_backward(dh, dw.to(weight.dtype) if need_dw else None)
         ctx.mark_non_differentiable(total, ent_mean)
-        return total[0].clone(), total, ent_mean
+        return total[STAT["loss"]].clone(), total, ent_mean
 
     @staticmethod
     def backward(ctx, g_loss, _g_sums, _g_ent):
         dh, dw = ctx.saved_tensors
         dh = None if dh is None else dh * g_loss.to(dh.dtype)
         dw = None if dw is None else dw * g_loss.to(dw.dtype)
-        return (dh, dw) + (None,) * 11
+        return (dh, dw) + (None,) * 12
 
 
-def _run(hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs, temperature, opts, agg,
-         norm_len, seq_ids, num_seqs, with_entropy, chunk_size, triton):  # fmt: skip
-    _check(hidden, weight, targets)
+def _fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    seq_ids: torch.Tensor | None,
+    num_seqs: int | None,
+    opts: GRPOOptions,
+    *,
+    temperature: float,
+    with_entropy: bool,
+    chunk_size: int | None,
+    logprobs_out: torch.Tensor | None,
+    via_triton: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    check_linear_inputs(hidden, weight, targets)
     N = hidden.shape[0]
     for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask),
-                    ("ref_logprobs", ref_logprobs), ("seq_ids", seq_ids)):  # fmt: skip
+                    ("ref_logprobs", ref_logprobs), ("seq_ids", seq_ids),
+                    ("logprobs_out", logprobs_out)):  # fmt: skip
         assert t is None or t.shape == (N,), f"{name} {tuple(t.shape)} must be packed [N={N}]"
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     if N == 0:
         raise ValueError("fused_linear_grpo_loss got no tokens (hidden is [0, H])")
+    assert logprobs_out is None or logprobs_out.dtype == torch.float32, f"logprobs_out: {logprobs_out.dtype}"
     opts.validate(ref_logprobs is not None)
-    w = token_weights(mask, agg, norm_len=norm_len, seq_ids=seq_ids, num_seqs=num_seqs).contiguous()
+    w = token_weights(mask, opts.agg, norm_len=opts.norm_len, seq_ids=seq_ids, num_seqs=num_seqs).contiguous()
 
     def prep(t, dtype=torch.float32):
         return None if t is None else t.to(dtype).contiguous()
 
     chunk = min(chunk_size or default_chunk_size(N, weight.shape[0]), N)
-    if triton:
+    if via_triton:
         hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     loss, sums, ent = _FusedLinearGRPOLoss.apply(
-        hidden, weight, targets, prep(old_logprobs), prep(advantages), prep(mask, torch.uint8), prep(ref_logprobs),
-        w, opts, 1.0 / float(temperature), with_entropy, triton, chunk,
+        hidden, weight, targets, prep(old_logprobs), prep(advantages), prep(mask, torch.uint8),
+        prep(ref_logprobs), w, opts, 1.0 / float(temperature), with_entropy, via_triton, chunk, logprobs_out,
     )  # fmt: skip
     stats = finish_stats(sums)
     if with_entropy:
@@ -139,39 +164,11 @@ def _run(hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs, 
     return loss, stats
 
 
-def fused_linear_grpo_loss_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    ref_logprobs: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    clip_dual: float | None = None,
-    kl_coef: float = 0.0,
-    kl_type: str = "low_var_kl",
-    agg: str = "token_mean",
-    norm_len: float | None = None,
-    seq_ids: torch.Tensor | None = None,
-    num_seqs: int | None = None,
-    with_entropy: bool = False,
-    chunk_size: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Pure-torch :func:`fused_linear_grpo_loss` (token chunks, gradients formed in forward); CPU fallback."""
-    opts = GRPOOptions(clip_low, clip_high, clip_dual, kl_coef, kl_type)
-    return _run(hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs, temperature, opts, agg,
-                norm_len, seq_ids, num_seqs, with_entropy, chunk_size, False)  # fmt: skip
-
-
 def fused_linear_grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -189,6 +186,7 @@ def fused_linear_grpo_loss(
     with_entropy: bool = False,
     chunk_size: int | None = None,
     impl: str = "auto",
+    logprobs_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``grpo_loss(fused_linear_logprob(hidden, weight, targets, temperature=...), ...)`` as one op.
 
@@ -196,8 +194,32 @@ def fused_linear_grpo_loss(
     advantages / mask / ref_logprobs / seq_ids packed [N]. Options as in :func:`grpo_loss`. Returns the
     scalar loss (differentiable in hidden and weight) and the ``grpo_loss`` stats, plus ``entropy`` (mean
     over masked-in tokens, no gradient) when ``with_entropy``. ``chunk_size``: tokens per chunk (default:
-    chunk·V ≈ 2^29); ``impl`` as in :func:`fused_linear_logprob`.
+    chunk·V ≈ 2^29); ``impl`` as in :func:`fused_linear_logprob` ("torch": token chunks, gradients formed in
+    the forward, in pure torch). ``old_logprobs=None``: on-policy, the old log-probs are this forward's own
+    (detached; ratio exactly 1), which saves the separate no-grad forward of the old policy.
+    ``logprobs_out`` [N] float32, if given, receives the detached log-probs.
     """
-    opts = GRPOOptions(clip_low, clip_high, clip_dual, kl_coef, kl_type)
-    return _run(hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs, temperature, opts, agg,
-                norm_len, seq_ids, num_seqs, with_entropy, chunk_size, use_triton(impl, hidden, weight))  # fmt: skip
+    via_triton = use_triton(impl, hidden, weight)
+    opts = GRPOOptions(clip_low=clip_low, clip_high=clip_high, clip_dual=clip_dual, kl_coef=kl_coef,
+                       kl_type=kl_type, agg=agg, norm_len=norm_len)  # fmt: skip
+    return _fused_linear_grpo_loss(
+        hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs, seq_ids, num_seqs, opts,
+        temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size, logprobs_out=logprobs_out,
+        via_triton=via_triton,
+    )  # fmt: skip
+
+
+def fused_linear_grpo_loss_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    **options: Any,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`fused_linear_grpo_loss` in pure torch on any device (the CPU fallback): the same keyword
+    arguments, no ``impl``."""
+    return fused_linear_grpo_loss(
+        hidden, weight, targets, old_logprobs, advantages, mask, **options, impl="torch"
+    )  # fmt: skip

@@ -30,7 +30,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, INTERPRET_BLOCKS, autotuned, dot_precision, launch, matmul_into
+from ._common import (
+    INTERPRET,
+    INTERPRET_BLOCKS,
+    autotuned,
+    check_linear_inputs,
+    compute_dtype,
+    default_chunk_size,
+    dlogits_dtype,
+    dot_precision,
+    launch,
+    linear_backward_chunk,
+    use_triton,
+)
 
 # Spill-free on sm_90a (HGMMA) and sm_80 at the JIT's specialisation (bench/aot_report.py sweeps them all).
 # The forward's online-softmax epilogue (logit tile, its exponentials, p·z for the entropy) sits on top of
@@ -65,8 +77,10 @@ def _logit_tile(
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
-        a = tl.load(h_ptr + offs_n64[:, None] * stride_hn + offs_h[None, :], mask=mask_n[:, None] & mask_h[None, :], other=0.0)
-        b = tl.load(w_ptr + offs_v64[:, None] * stride_wv + offs_h[None, :], mask=mask_v[:, None] & mask_h[None, :], other=0.0)
+        a = tl.load(h_ptr + offs_n64[:, None] * stride_hn + offs_h[None, :],
+                    mask=mask_n[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
+        b = tl.load(w_ptr + offs_v64[:, None] * stride_wv + offs_h[None, :],
+                    mask=mask_v[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -153,31 +167,13 @@ def _dlogits_kernel(
         # dH/dz_v = -p_v (log p_v + H), with log p_v = z_v - lse.
         dz -= g_ent[:, None] * p * (z - lse[:, None] + ent[:, None])
     dl = dz * inv_temp
-    tl.store(dl_ptr + offs_n64[:, None] * stride_dn + offs_v[None, :], dl.to(dl_ptr.dtype.element_ty), mask=mask)
+    dl_ptrs = dl_ptr + offs_n64[:, None] * stride_dn + offs_v[None, :]
+    tl.store(dl_ptrs, dl.to(dl_ptr.dtype.element_ty), mask=mask)
 
 
 _stats_tuned = autotuned(_stats_kernel, STATS_CONFIGS, key=["H", "V", "STORE_LOGITS", "WITH_ENTROPY"])
 _dlogits_tuned = autotuned(_dlogits_kernel, DLOGITS_CONFIGS, key=["H", "V", "RECOMPUTE", "WITH_ENTROPY"])
 _BLOCKS = ("BLOCK_N", "BLOCK_V", "BLOCK_H")
-
-
-def default_chunk_size(n_tokens: int, vocab: int) -> int:
-    """Tokens per backward chunk: chunk·V ≈ 2^29 elements (a 1 GiB bf16 dlogits buffer), a power of two."""
-    target = max(128, (1 << 29) // max(vocab, 1))
-    return min(max(n_tokens, 1), 1 << (target.bit_length() - 1))
-
-
-def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
-    assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], (
-        f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [N, H] and [V, H]"
-    )
-    assert targets.shape == (hidden.shape[0],), f"targets {tuple(targets.shape)} must be [N={hidden.shape[0]}]"
-    assert hidden.dtype == weight.dtype, f"hidden {hidden.dtype} and weight {weight.dtype} must share a dtype"
-
-
-def _dlogits_dtype(dtype: torch.dtype) -> torch.dtype:
-    # bf16 has fp32's range; fp16 dlogits (≈ p / n_tokens) would flush to zero, so fp16 inputs keep fp32.
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------- Triton path
@@ -189,7 +185,7 @@ def triton_stats(
     with_entropy: bool,
     logits_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(lse [N], target logit [N], entropy [N] or None), float32; also fills ``logits_out`` [N, V] if given."""
+    """(lse [N], target logit [N], entropy [N] or None), float32; fills ``logits_out`` [N, V] if given."""
     N, H = hidden.shape
     V = weight.shape[0]
     if INTERPRET:
@@ -238,7 +234,7 @@ def triton_dlogits(
     out: torch.Tensor,
     logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fill ``out`` [n, V] with dL/d(raw logits) of a token chunk; recompute logits unless ``logits`` is given."""
+    """Fill ``out`` [n, V] with dL/d(raw logits) of a token chunk; logits recomputed unless given."""
     N, H = hidden.shape
     V = weight.shape[0]
     with_entropy = g_ent is not None
@@ -260,31 +256,12 @@ def triton_dlogits(
     return out
 
 
-def linear_backward_chunk(
-    dlogits: torch.Tensor,
-    h_chunk: torch.Tensor,
-    weight: torch.Tensor,
-    dh_chunk: torch.Tensor | None,
-    dw_acc: torch.Tensor | None,
-    first: bool,
-) -> None:
-    """dh_chunk = dlogits @ W and dw_acc (+)= dlogitsᵀ @ h_chunk with the Triton GEMM (either may be None)."""
-    if dh_chunk is not None:
-        matmul_into(dlogits, weight, dh_chunk, accumulate=False)
-    if dw_acc is not None:
-        matmul_into(dlogits.t(), h_chunk, dw_acc, accumulate=not first)
-
-
 # ----------------------------------------------------------------------------------------------- torch path
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def torch_stats_chunk(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temp: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits [n, V] (compute dtype), lse, target logit and entropy of one token chunk, in torch."""
-    ct = _compute_dtype(h.dtype)
+    ct = compute_dtype(h.dtype)
     z = (h.to(ct) @ weight.to(ct).t()) * inv_temp
     lse = torch.logsumexp(z, dim=-1)
     valid = (targets >= 0) & (targets < z.shape[1])
@@ -313,10 +290,10 @@ def torch_dlogits(
 # ---------------------------------------------------------------------------------------- autograd Function
 class _FusedLinearLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, with_entropy, use_triton, chunk_size):
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, via_triton, chunk_size):
         inv_temp = 1.0 / temperature
         N = hidden.shape[0]
-        if use_triton:
+        if via_triton:
             lse, zt, entropy = triton_stats(hidden, weight, targets, inv_temp, with_entropy)
         else:
             lse = torch.empty(N, device=hidden.device, dtype=torch.float32)
@@ -326,7 +303,7 @@ class _FusedLinearLogprob(torch.autograd.Function):
                 _, lse_c, zt_c, ent_c = torch_stats_chunk(hidden[sl], weight, targets[sl], inv_temp)
                 lse[sl], zt[sl], entropy[sl] = lse_c, zt_c, ent_c
         ctx.save_for_backward(hidden, weight, targets, lse, entropy if with_entropy else None)
-        ctx.inv_temp, ctx.use_triton, ctx.chunk_size = inv_temp, use_triton, chunk_size
+        ctx.inv_temp, ctx.via_triton, ctx.chunk_size = inv_temp, via_triton, chunk_size
         logprobs = zt - lse
         return (logprobs, entropy) if with_entropy else logprobs
 
@@ -340,45 +317,45 @@ class _FusedLinearLogprob(torch.autograd.Function):
         g_ent = None if (g_ent is None or entropy is None) else g_ent.float().contiguous()
         dh = torch.empty_like(hidden) if need_dh else None
         # fp32 accumulator across chunks (fp64 for the fp64 reference): one rounding to the weight dtype.
-        dw = torch.empty(weight.shape, device=weight.device, dtype=_compute_dtype(weight.dtype)) if need_dw else None
+        dw = None
+        if need_dw:
+            dw = torch.empty(weight.shape, device=weight.device, dtype=compute_dtype(weight.dtype))
         chunk = min(ctx.chunk_size, max(N, 1))
         dl_buf = None
-        if ctx.use_triton:
-            dl_buf = torch.empty((chunk, V), device=hidden.device, dtype=_dlogits_dtype(hidden.dtype))
+        if ctx.via_triton:
+            dl_buf = torch.empty((chunk, V), device=hidden.device, dtype=dlogits_dtype(hidden.dtype))
         for i, c0 in enumerate(range(0, N, chunk)):
             sl = slice(c0, c0 + chunk)
             h_c, t_c = hidden[sl], targets[sl]
             ge_c = g_ent[sl] if g_ent is not None else None
-            if ctx.use_triton:
+            if ctx.via_triton:
                 ent_c = entropy[sl] if g_ent is not None else None
-                dl = triton_dlogits(h_c, weight, t_c, lse[sl], ent_c, g_lp[sl], ge_c, ctx.inv_temp, dl_buf[: h_c.shape[0]])
-                linear_backward_chunk(dl, h_c, weight, dh[sl] if need_dh else None, dw, i == 0)
+                dl = triton_dlogits(h_c, weight, t_c, lse[sl], ent_c, g_lp[sl], ge_c, ctx.inv_temp,
+                                    dl_buf[: h_c.shape[0]])  # fmt: skip
             else:
                 z, lse_c, _, ent_c = torch_stats_chunk(h_c, weight, t_c, ctx.inv_temp)
                 dl = torch_dlogits(z, t_c, lse_c, ent_c, g_lp[sl], ge_c, ctx.inv_temp)
-                if need_dh:
-                    dh[sl] = dl @ weight.to(dl.dtype)
-                if need_dw and i == 0:
-                    torch.mm(dl.t(), h_c.to(dl.dtype), out=dw)
-                elif need_dw:
-                    dw.addmm_(dl.t(), h_c.to(dl.dtype))
+            linear_backward_chunk(dl, h_c, weight, dh[sl] if need_dh else None, dw, first=i == 0,
+                                  via_triton=ctx.via_triton)  # fmt: skip
         if need_dw:
             dw = dw.to(weight.dtype)
         return dh, dw, None, None, None, None, None
 
 
-def _run(hidden, weight, targets, temperature, with_entropy, use_triton, chunk_size):
-    _check(hidden, weight, targets)
+def _run(hidden, weight, targets, temperature, with_entropy, via_triton, chunk_size):
+    check_linear_inputs(hidden, weight, targets)
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     if hidden.shape[0] == 0:
         # Keeps the graph connected so that callers may still call backward on an empty micro-batch.
         empty = hidden.float().sum(-1) + 0.0 * weight.float().sum()
         return (empty, empty.clone()) if with_entropy else empty
-    if use_triton:
+    if via_triton:
         hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
-    return _FusedLinearLogprob.apply(hidden, weight, targets, float(temperature), with_entropy, use_triton, chunk)
+    return _FusedLinearLogprob.apply(
+        hidden, weight, targets, float(temperature), with_entropy, via_triton, chunk
+    )  # fmt: skip
 
 
 def fused_linear_logprob_reference(
@@ -415,6 +392,5 @@ def fused_linear_logprob(
     (mask such tokens out of the loss). ``chunk_size``: tokens per backward chunk (default: chunk·V ≈ 2^29).
     ``impl``: "triton", "torch" (the chunked reference) or "auto" (Triton on CUDA or under the interpreter).
     """
-    from ._common import use_triton
-
-    return _run(hidden, weight, targets, temperature, with_entropy, use_triton(impl, hidden, weight), chunk_size)
+    via_triton = use_triton(impl, hidden, weight)
+    return _run(hidden, weight, targets, temperature, with_entropy, via_triton, chunk_size)

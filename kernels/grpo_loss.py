@@ -18,6 +18,7 @@ in ``bench/``). The same per-token pass drives the fused hidden-states-to-loss o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -27,23 +28,33 @@ from ._common import INTERPRET, INTERPRET_BLOCKS, use_triton
 
 AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 KL_TYPES = ("kl", "abs", "mse", "low_var_kl")
-STAT_NAMES = ("loss", "clip_frac", "clip_frac_lower", "kl", "ppo_kl", "ratio_mean", "ratio_min", "ratio_max", "count")
-_NSTAT = len(STAT_NAMES)
+# Per-token statistics, summed over valid tokens (ratio_min / ratio_max: extremes), in the row order of the
+# kernel's partials; STAT maps a name to its row.
+STAT_NAMES = (
+    "loss", "clip_frac", "clip_frac_lower", "kl", "ppo_kl", "ratio_mean", "ratio_min", "ratio_max", "count",
+)  # fmt: skip
+STAT = {name: row for row, name in enumerate(STAT_NAMES)}
 
 
 @dataclass(frozen=True)
 class GRPOOptions:
+    """The scalar options of :func:`grpo_loss`, as its keyword arguments of the same names."""
+
     clip_low: float = 0.2
     clip_high: float = 0.2
     clip_dual: float | None = None
     kl_coef: float = 0.0
     kl_type: str = "low_var_kl"
+    agg: str = "token_mean"
+    norm_len: float | None = None
 
     def validate(self, has_ref: bool) -> None:
         if self.kl_type not in KL_TYPES:
             raise ValueError(f"kl_type={self.kl_type!r}: expected one of {KL_TYPES}")
         if self.clip_dual is not None and self.clip_dual <= 1.0:
-            raise ValueError(f"clip_dual={self.clip_dual} must be > 1 (verl's clip_ratio_c), or None to disable")
+            raise ValueError(
+                f"clip_dual={self.clip_dual} must be > 1 (verl's clip_ratio_c), or None to disable"
+            )
         if self.kl_coef != 0.0 and not has_ref:
             raise ValueError(f"kl_coef={self.kl_coef} needs ref_logprobs")
 
@@ -66,8 +77,12 @@ def token_weights(
     if agg == "seq_mean_token_sum_norm":
         if norm_len is None:
             if m.dim() != 2:
-                raise ValueError("agg='seq_mean_token_sum_norm' on packed [N] tokens needs norm_len (the horizon)")
-            norm_len = m.shape[-1]  # verl: loss_mask.shape[-1], the padded response length
+                raise ValueError(
+                    "agg='seq_mean_token_sum_norm' on packed [N] tokens needs norm_len (sequences x horizon)"
+                )
+            # B·T, the batch's sequences times the padded horizon, as verl 0.9, Dr. GRPO (TRL's
+            # "dr_grpo") and Liger divide: by T alone the loss would grow with the batch size
+            norm_len = m.shape[0] * m.shape[-1]
         return m / float(norm_len)
     if m.dim() == 2:
         n_seq = m.shape[0]
@@ -148,6 +163,7 @@ def _grpo_kernel(
     loss_tok = pg + kl_coef * kl
     tl.store(grad_ptr + offs, tl.where(valid, w * (dpg + kl_coef * dkl), 0.0), mask=in_n)
 
+    # One row per statistic, in STAT_NAMES order.
     vf = valid.to(tl.float32)
     part = part_ptr + pid
     tl.store(part + 0 * num_programs, tl.sum(tl.where(valid, w * loss_tok, 0.0), axis=0))
@@ -161,11 +177,11 @@ def _grpo_kernel(
     tl.store(part + 8 * num_programs, tl.sum(vf, axis=0))
 
 
-def _reduce_parts(part: torch.Tensor) -> torch.Tensor:
-    """[NSTAT, P] partials -> [NSTAT] sums (min / max for the ratio extremes)."""
+def reduce_partials(part: torch.Tensor) -> torch.Tensor:
+    """[NSTAT, P] per-program (or per-chunk) partials -> [NSTAT] totals: sums, min / max for the extremes."""
     out = part.sum(dim=1)
-    out[6] = part[6].min()
-    out[7] = part[7].max()
+    out[STAT["ratio_min"]] = part[STAT["ratio_min"]].min()
+    out[STAT["ratio_max"]] = part[STAT["ratio_max"]].max()
     return out
 
 
@@ -183,7 +199,7 @@ def triton_terms(
     block = INTERPRET_BLOCKS["BLOCK_T"] if INTERPRET else GRPO_BLOCK_T
     num_programs = max(1, triton.cdiv(n, block))
     grad = torch.empty(n, device=lp.device, dtype=torch.float32)
-    part = torch.empty((_NSTAT, num_programs), device=lp.device, dtype=torch.float32)
+    part = torch.empty((len(STAT_NAMES), num_programs), device=lp.device, dtype=torch.float32)
     _grpo_kernel[(num_programs,)](
         lp, old, adv, mask, w, ref if ref is not None else lp, grad, part,
         n, num_programs, opts.clip_low, opts.clip_high,
@@ -191,7 +207,7 @@ def triton_terms(
         HAS_REF=ref is not None, DUAL_CLIP=opts.clip_dual is not None,
         KL_TYPE=KL_TYPES.index(opts.kl_type), BLOCK_T=block, num_warps=GRPO_NUM_WARPS,
     )  # fmt: skip
-    return grad, _reduce_parts(part)
+    return grad, reduce_partials(part)
 
 
 # ---------------------------------------------------------------------------------------------- torch math
@@ -231,36 +247,38 @@ def torch_token_terms(
 
 
 def torch_stat_sums(terms: dict[str, torch.Tensor], valid: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The kernel's statistic totals [NSTAT] (float32, STAT_NAMES order) from :func:`torch_token_terms`."""
     v = valid.to(terms["ratio"].dtype)
     ratio = terms["ratio"].detach()
     inf = torch.tensor(float("inf"), device=ratio.device, dtype=ratio.dtype)
-    return torch.stack([
-        (w * terms["loss"].detach() * v).sum(),
-        (terms["clipped"] * v).sum(),
-        (terms["dual"] * v).sum(),
-        (terms["kl"].detach() * v).sum(),
-        (terms["neg_log_ratio"].detach() * v).sum(),
-        (ratio * v).sum(),
-        torch.where(valid, ratio, inf).min() if ratio.numel() else inf,
-        torch.where(valid, ratio, -inf).max() if ratio.numel() else -inf,
-        v.sum(),
-    ]).float()  # fmt: skip
+    sums = {
+        "loss": (w * terms["loss"].detach() * v).sum(),
+        "clip_frac": (terms["clipped"] * v).sum(),
+        "clip_frac_lower": (terms["dual"] * v).sum(),
+        "kl": (terms["kl"].detach() * v).sum(),
+        "ppo_kl": (terms["neg_log_ratio"].detach() * v).sum(),
+        "ratio_mean": (ratio * v).sum(),
+        "ratio_min": torch.where(valid, ratio, inf).min() if ratio.numel() else inf,
+        "ratio_max": torch.where(valid, ratio, -inf).max() if ratio.numel() else -inf,
+        "count": v.sum(),
+    }
+    return torch.stack([sums[name] for name in STAT_NAMES]).float()
 
 
 def finish_stats(sums: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Stat sums [NSTAT] -> dict of scalar means over valid tokens (all zero when no token is valid)."""
-    count = sums[8]
-    denom = count.clamp(min=1.0)
-    has = count > 0
+    """Stat totals [NSTAT] -> dict of scalar means over valid tokens (all zero when no token is valid)."""
+    total = dict(zip(STAT_NAMES, sums.unbind(0)))
+    denom = total["count"].clamp(min=1.0)
+    has = total["count"] > 0
     zero = torch.zeros((), device=sums.device)
     return {
-        "clip_frac": sums[1] / denom,
-        "clip_frac_lower": sums[2] / denom,
-        "kl": sums[3] / denom,
-        "ppo_kl": sums[4] / denom,
-        "ratio_mean": sums[5] / denom,
-        "ratio_min": torch.where(has, sums[6], zero),
-        "ratio_max": torch.where(has, sums[7], zero),
+        "clip_frac": total["clip_frac"] / denom,
+        "clip_frac_lower": total["clip_frac_lower"] / denom,
+        "kl": total["kl"] / denom,
+        "ppo_kl": total["ppo_kl"] / denom,
+        "ratio_mean": total["ratio_mean"] / denom,
+        "ratio_min": torch.where(has, total["ratio_min"], zero),
+        "ratio_max": torch.where(has, total["ratio_max"], zero),
     }
 
 
@@ -272,7 +290,7 @@ class _GRPOLoss(torch.autograd.Function):
         ctx.save_for_backward(grad)
         ctx.shape, ctx.dtype = logprobs.shape, logprobs.dtype
         ctx.mark_non_differentiable(sums)
-        return sums[0].clone(), sums
+        return sums[STAT["loss"]].clone(), sums
 
     @staticmethod
     def backward(ctx, g_loss, _g_sums):
@@ -280,35 +298,41 @@ class _GRPOLoss(torch.autograd.Function):
         return (grad * g_loss).reshape(ctx.shape).to(ctx.dtype), None, None, None, None, None, None
 
 
-def _prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs, seq_ids, agg, norm_len, num_seqs):
-    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask),
-                    ("ref_logprobs", ref_logprobs)):  # fmt: skip
-        assert t is None or t.shape == logprobs.shape, f"{name} {tuple(t.shape)} vs logprobs {tuple(logprobs.shape)}"
-    assert logprobs.dim() in (1, 2), f"logprobs must be [B, T] or packed [N], got {tuple(logprobs.shape)}"
-    return token_weights(mask, agg, norm_len=norm_len, seq_ids=seq_ids, num_seqs=num_seqs)
+def on_policy_old(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None) -> torch.Tensor:
+    """``old_logprobs``, or on-policy (None) the detached ``logprobs`` themselves: log-ratio exactly 0."""
+    return logprobs.detach() if old_logprobs is None else old_logprobs
 
 
-def grpo_loss_reference(
+def _grpo_loss(
     logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    *,
-    ref_logprobs: torch.Tensor | None = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    clip_dual: float | None = None,
-    kl_coef: float = 0.0,
-    kl_type: str = "low_var_kl",
-    agg: str = "token_mean",
-    norm_len: float | None = None,
-    seq_ids: torch.Tensor | None = None,
-    num_seqs: int | None = None,
+    ref_logprobs: torch.Tensor | None,
+    seq_ids: torch.Tensor | None,
+    num_seqs: int | None,
+    opts: GRPOOptions,
+    via_triton: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Pure-torch :func:`grpo_loss` (autograd through verl's formulas); the CPU fallback."""
-    opts = GRPOOptions(clip_low, clip_high, clip_dual, kl_coef, kl_type)
+    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask),
+                    ("ref_logprobs", ref_logprobs)):  # fmt: skip
+        assert t is None or t.shape == logprobs.shape, (
+            f"{name} {tuple(t.shape)} vs logprobs {tuple(logprobs.shape)}"
+        )
+    assert logprobs.dim() in (1, 2), f"logprobs must be [B, T] or packed [N], got {tuple(logprobs.shape)}"
     opts.validate(ref_logprobs is not None)
-    w = _prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs, seq_ids, agg, norm_len, num_seqs)
+    w = token_weights(mask, opts.agg, norm_len=opts.norm_len, seq_ids=seq_ids, num_seqs=num_seqs)
+    old_logprobs = on_policy_old(logprobs, old_logprobs)
+    if via_triton:
+
+        def flat(t):
+            return None if t is None else t.reshape(-1).contiguous()
+
+        loss, sums = _GRPOLoss.apply(
+            logprobs, flat(old_logprobs), flat(advantages), flat(mask.to(torch.uint8)), flat(ref_logprobs),
+            flat(w), opts,
+        )  # fmt: skip
+        return loss, finish_stats(sums)
     ct = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     terms = torch_token_terms(
         logprobs.to(ct), old_logprobs.to(ct), advantages.to(ct),
@@ -321,7 +345,7 @@ def grpo_loss_reference(
 
 def grpo_loss(
     logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -343,22 +367,26 @@ def grpo_loss(
     (sequence index 0..S-1 of each token; ``num_seqs`` = S avoids a device sync when given). Returns the
     scalar float32 loss (differentiable in ``logprobs`` only) and scalar stats over masked-in tokens:
     ``clip_frac``, ``clip_frac_lower`` (dual clip), ``kl`` (to the reference, 0 without one), ``ppo_kl``
-    (to the old policy), ``ratio_mean``, ``ratio_min``, ``ratio_max``.
+    (to the old policy), ``ratio_mean``, ``ratio_min``, ``ratio_max``. ``old_logprobs=None``: on-policy
+    (one update per rollout batch, as TRL and nanochat do): the old log-probs are the detached ``logprobs``,
+    the ratio is exactly 1 and the gradient that of the unclipped surrogate. ``impl``: "triton", "torch"
+    (verl's formulas through autograd) or "auto" (Triton on CUDA or under the interpreter).
     """
-    if not use_triton(impl, logprobs, old_logprobs, advantages, mask):
-        return grpo_loss_reference(
-            logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, clip_low=clip_low,
-            clip_high=clip_high, clip_dual=clip_dual, kl_coef=kl_coef, kl_type=kl_type, agg=agg,
-            norm_len=norm_len, seq_ids=seq_ids, num_seqs=num_seqs,
-        )  # fmt: skip
-    opts = GRPOOptions(clip_low, clip_high, clip_dual, kl_coef, kl_type)
-    opts.validate(ref_logprobs is not None)
-    w = _prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs, seq_ids, agg, norm_len, num_seqs)
+    via_triton = use_triton(impl, logprobs, advantages, mask)
+    opts = GRPOOptions(clip_low=clip_low, clip_high=clip_high, clip_dual=clip_dual, kl_coef=kl_coef,
+                       kl_type=kl_type, agg=agg, norm_len=norm_len)  # fmt: skip
+    return _grpo_loss(
+        logprobs, old_logprobs, advantages, mask, ref_logprobs, seq_ids, num_seqs, opts, via_triton
+    )  # fmt: skip
 
-    def flat(t):
-        return None if t is None else t.reshape(-1).contiguous()
 
-    loss, sums = _GRPOLoss.apply(
-        logprobs, flat(old_logprobs), flat(advantages), flat(mask.to(torch.uint8)), flat(ref_logprobs), flat(w), opts
-    )
-    return loss, finish_stats(sums)
+def grpo_loss_reference(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    **options: Any,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`grpo_loss` in pure torch on any device (the CPU fallback): the same keyword arguments, no
+    ``impl``."""
+    return grpo_loss(logprobs, old_logprobs, advantages, mask, **options, impl="torch")

@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import tomllib
 
 
 class ConfigError(ValueError):

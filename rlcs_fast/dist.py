@@ -1,4 +1,12 @@
-"""Process-group plumbing for torchrun (NCCL on GPU, gloo on CPU) that degrades to a no-op single process."""
+"""Process-group plumbing for torchrun that degrades to a no-op single process.
+
+The rule for collectives: on GPU the group is ``cuda:nccl,cpu:gloo`` (torchtitan's choice for the same
+reason), so device tensors go through NCCL and the small host-side reductions of counts and statistics
+through gloo; on CPU it is gloo. An NCCL-only group has no CPU backend and fails at the first CPU tensor
+("No backend type associated with device type cpu"), which gloo-only tests never see. So every
+collective of the trainer goes through this module, and with ``RLCS_DIST_CHECK=cuda`` (set by the test
+suite) each one is checked against the backends that a CUDA run's group would have, on any machine.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,31 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+CHECK_ENV = "RLCS_DIST_CHECK"
+
+
+def group_backend(use_cuda: bool) -> str:
+    """The process group's backend string, per device type."""
+    return "cuda:nccl,cpu:gloo" if use_cuda else "gloo"
+
+
+def backend_devices(backend: str) -> set[str]:
+    """Device types whose tensors a group started with `backend` can reduce."""
+    if ":" not in backend:  # a single backend for every device it supports
+        return {"nccl": {"cuda"}, "gloo": {"cpu", "cuda"}}.get(backend, set())
+    return {part.split(":")[0].strip() for part in backend.split(",")}
+
+
+def check_collective(t: torch.Tensor, what: str) -> None:
+    """With ``RLCS_DIST_CHECK=cuda``: refuse a tensor that the group of a CUDA run could not reduce."""
+    simulated = os.environ.get(CHECK_ENV, "")
+    if not simulated:
+        return
+    backend = group_backend(simulated == "cuda")
+    if t.device.type not in backend_devices(backend):
+        raise RuntimeError(f"{what} of a {t.device.type} tensor {tuple(t.shape)}: a {simulated} run's process "
+                           f"group ({backend!r}) has no backend for {t.device.type} tensors")
 
 
 def init(device: str, timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
@@ -26,7 +59,7 @@ def init(device: str, timeout_s: float = 1800.0) -> tuple[int, int, torch.device
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s),
+        dist.init_process_group(group_backend(use_cuda), timeout=timedelta(seconds=timeout_s),
                                 device_id=dev if use_cuda else None)
     return rank, world, dev
 
@@ -50,12 +83,14 @@ def barrier() -> None:
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce; returns the tensor for chaining. `op` in sum | max | min."""
+    check_collective(t, "all_reduce")
     if is_dist():
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t
 
 
-def all_gather_object(obj):
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, by rank (small Python objects: checkpoint manifests, skip counts)."""
     if not is_dist():
         return [obj]
     out = [None] * dist.get_world_size()

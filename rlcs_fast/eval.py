@@ -3,6 +3,11 @@
 ``python -m rlcs_fast.eval --model DIR [--model DIR2 ...] --data SET [--split S] [--n K] [--temperature T]
 [--out DIR]``
 
+The paper's benchmarks (MathVista, MathVerse, MathVision, We-Math; loaders and scorers in
+:mod:`rlcs_fast.benchmarks`): ``--suite paper --model BASE --model SFT --model RL [--out DIR]``, or
+``--bench NAME`` for one, or ``--bench NAME --data SET --score-only ANSWERS.jsonl`` to score responses
+produced elsewhere.
+
 The generate-and-score core (:func:`generate_and_score`, :func:`val_sampling`) is the one the trainer's
 ``stage.validate`` calls, so for the same checkpoint, prompts, greedy decoding and scorer, ``eval`` gives
 the ``val/accuracy`` the training run logged. Prompt settings (template, system prompt, pixel bounds,
@@ -202,14 +207,37 @@ def resolve_settings(cfg: Config, args: argparse.Namespace) -> EvalSettings:
         synthetic_val_size=d.synthetic_val_size, rollout=cfg.rollout)
 
 
-def evaluate_model(model_dir: str, args: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict]:
-    """Encode the set with this model's processor and run settings, generate, score; records + summary."""
+def banned_token_ids(mcfg) -> tuple[int, ...]:
+    """Vision special tokens: a response must never open an image."""
+    return (mcfg.image_token_id, mcfg.video_token_id, mcfg.vision_start_token_id, mcfg.vision_end_token_id)
+
+
+def load_for_eval(model_dir: str, s: EvalSettings, engine_kind: str, device: torch.device):
+    """The model's processor (with the run's pixel bounds), its config and a rollout engine."""
     from transformers import AutoConfig
 
-    from .data import Columns, Encoder, SkipCounter, encode_many, lazy_images, load_table
     from .model import load_processor
-    from .rewards import RewardScorer
     from .rollout.engine import make_engine
+
+    processor = load_processor(model_dir, min_pixels=s.min_pixels, max_pixels=s.max_pixels)
+    mcfg = AutoConfig.from_pretrained(model_dir)
+    tok = processor.tokenizer
+    r = s.rollout
+    engine = make_engine(
+        engine_kind if engine_kind != "auto" else ("vllm" if device.type == "cuda" else "hf"), model_dir,
+        device=device, batch_size=s.batch_size, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.pad_token_id, gpu_memory_utilization=r.gpu_memory_utilization,
+        tensor_parallel_size=r.tensor_parallel_size, max_num_batched_tokens=r.max_num_batched_tokens,
+        enforce_eager=r.enforce_eager, enable_prefix_caching=r.enable_prefix_caching,
+        max_model_len=s.max_prompt_length + s.max_new_tokens, seed=s.seed, min_pixels=s.min_pixels,
+        max_pixels=s.max_pixels)  # vLLM runs its own processor: the same pixel bounds as the encoder
+    return processor, mcfg, engine
+
+
+def evaluate_model(model_dir: str, args: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict]:
+    """Encode the set with this model's processor and run settings, generate, score; records + summary."""
+    from .data import Columns, Encoder, SkipCounter, encode_many, lazy_images, load_table
+    from .rewards import RewardScorer
 
     cfg, cfg_path = run_settings(model_dir)
     s = resolve_settings(cfg, args)
@@ -219,8 +247,7 @@ def evaluate_model(model_dir: str, args: argparse.Namespace, device: torch.devic
         table = table.select(range(min(args.limit, len(table))))
     image_col, problem_col, answer_col, category_col = detect_columns(list(table.column_names), args.data)
     table = lazy_images(table, image_col)
-    processor = load_processor(model_dir, min_pixels=s.min_pixels, max_pixels=s.max_pixels)
-    mcfg = AutoConfig.from_pretrained(model_dir)
+    processor, mcfg, engine = load_for_eval(model_dir, s, args.engine, device)
     encoder = Encoder(processor, mcfg, Columns(image_col, problem_col, answer_col), template=s.template,
                       system_prompt=s.system_prompt, min_pixels=s.min_pixels, max_pixels=s.max_pixels,
                       max_length=s.max_prompt_length)
@@ -228,18 +255,8 @@ def evaluate_model(model_dir: str, args: argparse.Namespace, device: torch.devic
     prompts = encode_many(lambda row, i: encoder.prompt(row, i), ((table[i], i) for i in range(len(table))), skips,
                           "--data")
     tok = processor.tokenizer
-    r = s.rollout
-    engine = make_engine(
-        args.engine if args.engine != "auto" else ("vllm" if device.type == "cuda" else "hf"), model_dir,
-        device=device, batch_size=s.batch_size, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tok.pad_token_id, gpu_memory_utilization=r.gpu_memory_utilization,
-        tensor_parallel_size=r.tensor_parallel_size, max_num_batched_tokens=r.max_num_batched_tokens,
-        enforce_eager=r.enforce_eager, enable_prefix_caching=r.enable_prefix_caching,
-        max_model_len=s.max_prompt_length + s.max_new_tokens, seed=s.seed, min_pixels=s.min_pixels,
-        max_pixels=s.max_pixels)  # vLLM runs its own processor: the same pixel bounds as the encoder
     sampling = val_sampling(n=args.n, temperature=args.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                            seed=s.seed, banned_token_ids=(mcfg.image_token_id, mcfg.video_token_id,
-                                                           mcfg.vision_start_token_id, mcfg.vision_end_token_id))
+                            seed=s.seed, banned_token_ids=banned_token_ids(mcfg))
     with RewardScorer(fn=s.reward_function or None, format_weight=s.format_weight, timeout_s=s.reward_timeout_s,
                       num_workers=s.reward_workers) as scorer:
         records = generate_and_score(engine, tok, prompts, sampling, scorer)
@@ -260,16 +277,29 @@ def evaluate_model(model_dir: str, args: argparse.Namespace, device: torch.devic
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m rlcs_fast.eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", action="append", required=True, help="model directory (repeat to compare models)")
-    p.add_argument("--data", required=True, help="hub id, local parquet/JSONL file or folder, or 'synthetic'")
-    p.add_argument("--split", default="test", help="split (default test; 'synthetic' maps it to its val split)")
+    p.add_argument("--model", action="append", default=[],
+                   help="model directory, or 'tiny' (repeat to compare models)")
+    p.add_argument("--data", action="append", default=[],
+                   help="hub id, local parquet/JSONL file or folder, or 'synthetic'; with --suite/--bench a local "
+                        "copy of a benchmark as NAME=PATH (repeat), or PATH for a single --bench")
+    p.add_argument("--suite", choices=("paper",), default=None,
+                   help="the paper's benchmarks: MathVista, MathVerse, MathVision, We-Math")
+    p.add_argument("--bench", action="append", default=[], help="one benchmark (repeat for several)")
+    p.add_argument("--score-only", default=None, metavar="ANSWERS.jsonl",
+                   help="score given responses ({\"index\": row, \"response\": text} per line) for one --bench")
+    p.add_argument("--split", default=None,
+                   help="split (default test; with benchmarks their published split, or NAME=SPLIT)")
     p.add_argument("--n", type=int, default=1, help="responses per question (mean@k, pass@k)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0: greedy (default; benchmarks: the run's grpo.val_temperature)")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's grpo.max_response_length")
-    p.add_argument("--out", default="eval_out", help="output folder for <model>.jsonl and summary.md/.json")
+    p.add_argument("--out", default="eval_out", help="output folder for answers (JSONL) and summary.md/.json")
     p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto", help="auto: vLLM on GPU, else transformers")
     p.add_argument("--limit", type=int, default=0, help="first N rows only (0: all)")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="benchmarks: rows generated and saved at a time (default: the run's rollout.batch_size)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="sequences per transformers generate call")
     p.add_argument("--prompt-template", default=None)
@@ -280,8 +310,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")
-    if args.temperature < 0:
+    if args.temperature is not None and args.temperature < 0:
         p.error("--temperature must be >= 0")
+    if args.suite or args.bench or args.score_only:
+        if args.n != 1:
+            p.error("--suite/--bench score one answer per question (--n 1), as the benchmarks publish")
+        if args.score_only and len(args.bench) != 1:
+            p.error("--score-only needs exactly one --bench")
+        if not args.score_only and not args.model:
+            p.error("--suite/--bench need at least one --model")
+        return args
+    if not args.model or len(args.data) != 1:
+        p.error("give --model and one --data (or --suite paper / --bench NAME)")
+    args.data, args.split = args.data[0], args.split or "test"
+    args.temperature = 0.0 if args.temperature is None else args.temperature
     if args.n > 1 and args.temperature == 0:
         p.error("--n > 1 needs --temperature > 0: greedy decoding gives n identical answers")
     return args
@@ -292,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     setup_logging(0)
+    if args.suite or args.bench or args.score_only:
+        from .benchmarks.cli import run
+
+        return run(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -115,6 +115,9 @@ class Rollout:
     engine_logprobs: list[float] | None
     old_logprobs: torch.Tensor | None = None  # [R] filled by the old-policy pass
     ref_logprobs: torch.Tensor | None = None  # [R] filled by the reference pass
+    # [R] the old policy at T = 1 when the rollout temperature is not 1: engines report raw log-probs
+    # (before temperature, top-p and bans), so rollout/logprob_diff compares the same distribution
+    raw_logprobs: torch.Tensor | None = None
 
     @property
     def response_len(self) -> int:
@@ -137,18 +140,25 @@ def build_rollouts(prompts: list, completions: list, scores: list[dict[str, floa
     return out
 
 
-def logprob_head(targets: torch.Tensor, temperature: float, impl: str, with_entropy: bool = False):
+def logprob_head(targets: torch.Tensor, temperature: float, impl: str, with_entropy: bool = False,
+                 with_raw: bool = False):
+    """with_raw: [N, 2] of the log-probs at `temperature` and at 1 (one more lm-head pass, no forward)."""
     def head(hidden: torch.Tensor, weight: torch.Tensor):
-        return fused_linear_logprob(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy,
-                                    impl=impl)
+        lp = fused_linear_logprob(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy,
+                                  impl=impl)
+        if not with_raw:
+            return lp
+        raw = fused_linear_logprob(hidden, weight, targets, temperature=1.0, impl=impl)
+        return torch.stack([lp, raw], -1)
 
     return head
 
 
 @torch.no_grad()
 def compute_logprobs(policy, rollouts: list[Rollout], *, ctx: StageContext, max_tokens: int,
-                     temperature: float) -> list[torch.Tensor]:
-    """Per-response log-probs [R] of `policy` (old policy or reference), micro-batched by tokens."""
+                     temperature: float, with_raw: bool = False) -> list[torch.Tensor]:
+    """Per-response log-probs [R] of `policy` (old policy or reference), micro-batched by tokens
+    ([R, 2] with the log-probs at T = 1 too when `with_raw`)."""
     filler = dummy_image_sample(ctx.model_config)
     samples = [r.sample for r in rollouts]
     micro, n_real = plan_step(list(range(len(samples))), [s.input_ids.numel() for s in samples], max_tokens, -1)
@@ -160,7 +170,8 @@ def compute_logprobs(policy, rollouts: list[Rollout], *, ctx: StageContext, max_
         batch = pack(items, ctx.model_config.vision_config).to(ctx.device)
         targets = batch.targets[batch.loss_mask]
         with ctx.autocast():
-            lp = policy(batch, logprob_head(targets, temperature, ctx.kernels_impl)).float().cpu()
+            head = logprob_head(targets, temperature, ctx.kernels_impl, with_raw=with_raw)
+            lp = policy(batch, head).float().cpu()
         if i >= n_real:
             continue
         for k, part in zip(mb, torch.split(lp, [items[m].target_mask.sum().item() for m in range(len(items))])):
@@ -170,22 +181,32 @@ def compute_logprobs(policy, rollouts: list[Rollout], *, ctx: StageContext, max_
     return out
 
 
-def grpo_head(g, targets, old, adv, mask, ref, seq_ids, norm_len, num_seqs: int, impl: str):
-    """Head function: packed hidden states of response tokens → clipped GRPO loss (+ KL) and stats."""
+def grpo_head(g, targets, old, adv, mask, ref, seq_ids, norm_len, num_seqs: int, impl: str, lp_out=None,
+              raw_out=None):
+    """Head function: packed hidden states of response tokens → clipped GRPO loss (+ KL) and stats.
+    ``old=None``: on-policy, the old log-probs are the detached current ones (written into ``lp_out``);
+    ``raw_out``: the same at T = 1, for rollout/logprob_diff (one more lm-head pass, no gradient)."""
 
     def head(hidden: torch.Tensor, weight: torch.Tensor):
+        if raw_out is not None:
+            with torch.no_grad():
+                raw_out.copy_(fused_linear_logprob(hidden.detach(), weight.detach(), targets, temperature=1.0,
+                                                   impl=impl))
         return fused_linear_grpo_loss(
             hidden, weight, targets, old, adv, mask, ref_logprobs=ref, temperature=g.temperature,
             clip_low=g.clip_low, clip_high=g.clip_high, clip_dual=g.clip_dual or None, kl_coef=g.kl_coef,
             kl_type=g.kl_type, agg=g.agg, norm_len=norm_len, seq_ids=seq_ids, num_seqs=num_seqs,
-            with_entropy=True, impl=impl)
+            with_entropy=True, impl=impl, logprobs_out=lp_out)
 
     return head
 
 
-def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, g, *, with_ref: bool) -> dict[str, float]:
+def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, g, *, with_ref: bool,
+           on_policy: bool = False, with_raw: bool = False) -> dict[str, float]:
     """One optimizer step on a mini-batch of rollouts: clipped GRPO loss (+ KL) normalised over the whole
-    mini-batch on all ranks, whatever the micro-batch split."""
+    mini-batch on all ranks, whatever the micro-batch split. ``on_policy``: the rollouts were sampled from
+    these very weights, so the old log-probs are the training forward's own (detached, ratio 1; filled
+    into ``old_logprobs`` afterwards) and no separate old-policy forward runs."""
     counts = torch.tensor([sum(r.response_len for r in rollouts), len(rollouts)], dtype=torch.float64)
     dist.all_reduce(counts)
     global_tokens, global_seqs = float(counts[0]), float(counts[1])
@@ -202,8 +223,10 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, g, *, with_re
         targets = batch.targets[index]
         seq_ids = batch.seq_ids[index]
         n_tok = targets.numel()
+        lp_out = torch.empty(n_tok, device=ctx.device) if on_policy else None
+        raw_out = torch.empty(n_tok, device=ctx.device) if on_policy and with_raw else None
         if real:
-            old = torch.cat([r.old_logprobs for r in real]).to(ctx.device)
+            old = None if on_policy else torch.cat([r.old_logprobs for r in real]).to(ctx.device)
             adv = torch.cat([torch.full((r.response_len,), r.advantage) for r in real]).to(ctx.device)
             ref = torch.cat([r.ref_logprobs for r in real]).to(ctx.device) if with_ref else None
         else:
@@ -218,10 +241,17 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, g, *, with_re
         elif g.agg == "seq_mean_token_sum_norm":
             norm_len = g.max_response_length * global_seqs
 
-        head = grpo_head(g, targets, old, adv, mask, ref, seq_ids, norm_len, int(global_seqs), ctx.kernels_impl)
+        head = grpo_head(g, targets, old, adv, mask, ref, seq_ids, norm_len, int(global_seqs),
+                         ctx.kernels_impl, lp_out, raw_out)
         with ctx.autocast():
             loss, stats = ctx.policy(batch, head, index)
         (loss * scale).backward()
+        if on_policy and real:
+            for r, lp in zip(real, torch.split(lp_out.cpu(), [r.response_len for r in real])):
+                r.old_logprobs = lp
+            if raw_out is not None:
+                for r, lp in zip(real, torch.split(raw_out.cpu(), [r.response_len for r in real])):
+                    r.raw_logprobs = lp
         if i < n_real:
             loss_sum += float(loss.detach()) * scale / ctx.world
             for k, v in stats.items():
@@ -254,6 +284,7 @@ def run_grpo(ctx: StageContext) -> None:
     guard = ctx.bad_step_guard()
     start = ctx.resume(opt, sched, skips, guard)
     with_ref = g.kl_coef > 0
+    with_raw = g.temperature != 1.0  # the engines report log-probs at T = 1 (rollout/logprob_diff)
     ref_policy = ctx.reference_policy() if with_ref else None
     on_policy = updates_per_step == 1  # the old policy is the current one: its log-probs are the detached ones
     tok = ctx.processor.tokenizer
@@ -306,8 +337,8 @@ def run_grpo(ctx: StageContext) -> None:
             if not on_policy:
                 for r, lp in zip(rollouts, compute_logprobs(ctx.policy, rollouts, ctx=ctx,
                                                             max_tokens=g.max_tokens_per_microbatch,
-                                                            temperature=g.temperature)):
-                    r.old_logprobs = lp
+                                                            temperature=g.temperature, with_raw=with_raw)):
+                    r.old_logprobs, r.raw_logprobs = split_raw(lp)
         with timer("time/ref"):
             if with_ref:
                 for r, lp in zip(rollouts, compute_logprobs(ref_policy, rollouts, ctx=ctx,
@@ -323,12 +354,8 @@ def run_grpo(ctx: StageContext) -> None:
                     if not step_ok:  # the same decision on every rank: the collectives stay in step
                         break
                     part = rollouts[m0 * len(rollouts) // n_mini:(m0 + 1) * len(rollouts) // n_mini]
-                    if on_policy:
-                        for r, lp in zip(part, compute_logprobs(ctx.policy, part, ctx=ctx,
-                                                                max_tokens=g.max_tokens_per_microbatch,
-                                                                temperature=g.temperature)):
-                            r.old_logprobs = lp
-                    train_stats = update(ctx, part, opt, sched, g, with_ref=with_ref)
+                    train_stats = update(ctx, part, opt, sched, g, with_ref=with_ref, on_policy=on_policy,
+                                         with_raw=with_raw)
                     if not train_stats.pop("finite"):
                         step_ok = False  # the updates still to come would start from a non-finite step
                         guard.bad(step, "loss or gradient norm")
@@ -358,13 +385,18 @@ def run_grpo(ctx: StageContext) -> None:
     ctx.finish()
 
 
+def split_raw(lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return (lp[:, 0], lp[:, 1]) if lp.dim() == 2 else (lp, None)
+
+
 def rollout_metrics(ctx: StageContext, scores, lengths, completions, rollouts, skips, n_prompts) -> dict[str, float]:
     """Global means over all ranks of the step's rewards, lengths and the engine-vs-trainer log-prob gap."""
     diff_sum, diff_n = 0.0, 0
     for r in rollouts:
         if r.engine_logprobs is not None and r.old_logprobs is not None:
             e = torch.tensor(r.engine_logprobs[: r.response_len])
-            diff_sum += float((e - r.old_logprobs[: e.numel()]).abs().sum())
+            trainer = r.raw_logprobs if r.raw_logprobs is not None else r.old_logprobs  # both at T = 1
+            diff_sum += float((e - trainer[: e.numel()]).abs().sum())
             diff_n += e.numel()
     s = torch.tensor([sum(x["overall"] for x in scores), sum(x["accuracy"] for x in scores),
                       sum(x["format"] for x in scores), len(scores), float(lengths.sum()),

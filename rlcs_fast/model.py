@@ -45,17 +45,23 @@ def load_processor(path: str, *, min_pixels: int, max_pixels: int):
 
 
 def load_model(path: str, *, attention: str = "auto", device: torch.device | str = "cpu",
-               freeze_vision: bool = False) -> tuple[Qwen2_5_VLForConditionalGeneration, str]:
-    """The HF model in float32 master weights, with the packed attention backend installed."""
+               freeze_vision: bool = False,
+               dtype: torch.dtype = torch.float32) -> tuple[Qwen2_5_VLForConditionalGeneration, str]:
+    """The HF model with the packed attention backend installed: float32 master weights for training, the
+    compute dtype for a frozen model (the reference); ``freeze_vision`` freezes the ViT (patch embedding
+    and blocks), never the merger."""
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
     except OSError as e:
         raise OSError(f"model.path = {path!r} could not be loaded ({e}); give a local Hugging Face directory, "
                       "a hub id reachable from this machine, or \"tiny\".") from e
     backend = apply_attention(model, select_attention(attention))
     if freeze_vision:
-        for p in model.model.visual.parameters():
-            p.requires_grad_(False)
+        # ViT blocks and patch embedding only: the merger (ms-swift's "aligner") keeps training, as in the
+        # recipe's `swift sft --freeze_aligner false` with freeze_vit's default
+        for name, p in model.model.visual.named_parameters():
+            if not name.startswith("merger."):
+                p.requires_grad_(False)
     return model.to(device), backend
 
 
@@ -75,7 +81,14 @@ class Policy(nn.Module):
         hidden = forward_hidden(self.model, batch)  # [L, H]
         if index is None:
             index = batch.loss_mask.nonzero().squeeze(-1)
-        return head_fn(hidden.index_select(0, index), self.model.lm_head.weight)
+        hidden, weight = hidden.index_select(0, index), self.model.lm_head.weight  # [N, H], [V, H]
+        if torch.is_autocast_enabled(hidden.device.type):
+            # autocast keeps the residual stream (so the final norm's output) and the master weight in
+            # fp32, and it does not reach into the Triton head: its dots would run in fp32, without
+            # tensor cores (about 10x slower). Under FSDP2's MixedPrecisionPolicy both are bf16 already.
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        return head_fn(hidden, weight)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -111,28 +124,37 @@ def _offload_mesh():
     return DeviceMesh.from_group(group, "cuda")
 
 
-def apply_fsdp(policy: Policy, *, mixed_precision: bool, cpu_offload: bool = False) -> Policy:
+def apply_fsdp(policy: Policy, *, mixed_precision: bool, cpu_offload: bool = False,
+               reshard_root: bool = False) -> Policy:
     """FSDP2: one shard group per decoder layer and per vision block, the rest (embeddings, head, norm,
     merger) in the root. On CPU (gloo) parameters stay float32. `cpu_offload` keeps shards, gradients
     and the optimizer step on the CPU (FSDP2's CPUOffloadPolicy), for the 7B on small GPUs; it works on
     one process too (a one-process group is started for the device mesh).
 
     fully_shard moves each group's parameters to the GPU, shards them, then (offload) moves the shards
-    to the CPU, one group at a time, so load the model on the CPU: the GPU never holds all of it."""
+    to the CPU, one group at a time, so load the model on the CPU: the GPU never holds all of it.
+
+    `reshard_root`: free the root's gathered parameters after each forward, for a model that runs no
+    backward (the reference); a trained policy keeps them for the backward that follows at once."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    kw = {}
+    kw, vision_kw = {}, {}
     if mixed_precision:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # the blocks' floating inputs are the rotary cos/sin tables (their hidden states are bf16 already
+        # from the patch embedding): cast to bf16 they would put the trainer's image positions off
+        # vLLM's, which keeps them in fp32
+        vision_kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                      cast_forward_inputs=False)
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
         kw["mesh"] = _offload_mesh()
     inner = policy.model.model
     for block in inner.visual.blocks:
-        fully_shard(block, **kw)
+        fully_shard(block, **(kw | vision_kw))
     for layer in inner.language_model.layers:
         fully_shard(layer, **kw)
-    fully_shard(policy, reshard_after_forward=False, **kw)  # the root is needed again right away in backward
+    fully_shard(policy, reshard_after_forward=reshard_root, **kw)
     return policy
 
 

@@ -311,8 +311,9 @@ def forward_hidden(model: nn.Module, batch: PackedBatch, *, touch_vision: bool |
     own unit, or its parameters stay sharded when it is called directly) with ``attention_mask=None``,
     ``use_cache=False`` and the host-computed ``cu_seq_lens_q/k``/``max_length_q/k``.
 
-    ``touch_vision``: on a batch without images, run a dummy 1-image pass through the vision tower and
-    add 0 × its output, so the tower's parameters get (zero) gradients. Under FSDP every rank must join
+    ``touch_vision``: on a batch without images, run a dummy 1-image pass through the vision tower first
+    (where a batch with images runs it) and add 0 × its output to the hidden states, so the tower's
+    parameters get (zero) gradients. Under FSDP every rank must join
     the tower's gather and gradient reduce-scatter, or a rank whose micro-batch had images waits forever
     for one whose had none (EasyR1 does the same). Default: on when torch.distributed runs >1 rank."""
     n = batch.num_tokens
@@ -323,6 +324,18 @@ def forward_hidden(model: nn.Module, batch: PackedBatch, *, touch_vision: bool |
     assert batch.input_ids.shape == (1, n), f"input_ids must be [1, L], got {tuple(batch.input_ids.shape)}"
     _check_fsdp_root(model)
     inner = model.model
+    if touch_vision is None:
+        touch_vision = (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and (torch.distributed.get_world_size() > 1)
+        )
+    dummy_vision = None
+    if touch_vision and batch.pixel_values is None:
+        # before the language layers, where a batch with images runs its vision tower: every rank must
+        # all-gather the same FSDP units in the same order (and reduce-scatter them in the same order in
+        # backward, which runs the nodes made later first)
+        dummy_vision = _dummy_vision_output(inner.visual, batch.input_ids.device)
     kwargs: dict[str, Any] = {
         "cu_seq_lens_q": batch.cu_seqlens,
         "cu_seq_lens_k": batch.cu_seqlens,
@@ -345,14 +358,8 @@ def forward_hidden(model: nn.Module, batch: PackedBatch, *, touch_vision: bool |
         **kwargs,
     )
     hidden = out.last_hidden_state[0]
-    if touch_vision is None:
-        touch_vision = (
-            torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-            and (torch.distributed.get_world_size() > 1)
-        )
-    if touch_vision and batch.pixel_values is None:
-        hidden = hidden + 0.0 * _dummy_vision_output(inner.visual, hidden.device)
+    if dummy_vision is not None:
+        hidden = hidden + 0.0 * dummy_vision
     return hidden
 
 

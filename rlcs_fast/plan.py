@@ -7,27 +7,26 @@ checked and sized before any GPU time is spent.
   missing column is reported with the config key to change.
 - Batches: prompts and responses per step, optimizer updates per step, micro-batch token budget, steps
   per epoch.
-- Memory per GPU, a simple model (all numbers in GiB = 2**30 bytes):
-  * training state under FSDP2 full sharding over ``world`` ranks: fp32 master parameters (4 B/param),
-    fp32 gradients of the trainable ones (4 B), AdamW ``exp_avg`` and ``exp_avg_sq`` in fp32 (8 B), each
-    divided by ``world``; plus the bf16 all-gather of the largest shard unit, twice (current and
-    prefetched); the frozen reference model of the KL term is fp32 and sharded the same way;
-  * activations of one micro-batch at the token budget ``T`` (bf16, 2 B/value). A decoder layer keeps
-    about ``8·H + 2·kv_dim + 4·I`` values per token for backward (norm inputs and outputs, q/k/v,
-    attention output, residuals, MLP gate/up/act/product); a vision block about ``8·H_v + 4·I_v`` per
-    patch. With activation checkpointing only each layer's input (``H`` per token) is kept, plus one
-    layer's full set while it is recomputed. Image patches per micro-batch: the budget times the image
-    share of the longest sequence (``max_pixels / 28²`` merged tokens, 4 patches each). The fused log-prob
-    head never materialises ``[T, V]`` logits, so the head adds only ``T·H``;
-  * vLLM while awake (GRPO; validation of either stage when ``rollout.engine = "vllm"``): bf16 weights
-    (2 B/param over the tensor-parallel size) and the KV cache in the rest of
-    ``rollout.gpu_memory_utilization`` × GPU memory; KV bytes per token ``2·layers·kv_heads·head_dim·2``.
-  Not modelled: the CUDA context and allocator fragmentation (budget ~2-4 GiB), NCCL buffers, and the
-  image processor's host memory.
+- Memory per GPU (all numbers in GiB = 2**30 bytes): :func:`micro_step_bytes` counts what one micro-step
+  allocates (sharded master parameters and gradients; FSDP2's gathered units and root, the root's
+  gradients and reduce-scatter input; the fused head's buffers; the tied embedding's backward;
+  activations), checked on the CPU against a measured peak of live tensors at the 3B width
+  (``tests/test_memory_plan.py``). Activations of one micro-batch at the token budget ``T``: a decoder
+  layer keeps about ``8·H + 2·kv_dim + 4·I`` values per token for backward, a vision block about
+  ``8·H_v + 4·I_v`` per patch; with activation checkpointing only each layer's input (``H`` per token)
+  is kept, plus one layer's full set while it is recomputed. Image patches per micro-batch: the budget
+  times the image share of the longest sequence (``max_pixels / 28²`` merged tokens, 4 patches each).
+  :func:`memory_plan` adds the AdamW states (2 × fp32, sharded), the reference model (compute dtype,
+  sharded), 10% for the allocator's fragmentation, and vLLM while awake (GRPO; validation of either
+  stage when ``rollout.engine = "vllm"``): bf16 weights (2 B/param over the tensor-parallel size) and
+  the KV cache in the rest of ``rollout.gpu_memory_utilization`` × GPU memory; KV bytes per token
+  ``2·layers·kv_heads·head_dim·2``. The trainer's cached blocks are released before each wake.
+  Not modelled: the CUDA context and NCCL buffers (budget ~1-3 GiB), and the image processor's host memory.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ class ModelArch:
     merge_size: int
     text_params: int
     vision_params: int
+    merger_params: int = 0  # trained even with model.freeze_vision
 
     @property
     def total_params(self) -> int:
@@ -72,18 +72,44 @@ class ModelArch:
         return self.kv_heads * self.head_dim
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.cache
+def hub_unreachable() -> str:
+    """Why the Hugging Face hub cannot be used ("" when it can): ``HF_HUB_OFFLINE`` is set, or one HEAD
+    request to the endpoint fails within a few seconds. Asked once per process, so an unreachable hub
+    costs the dry run one short probe instead of the library's retries with back-off for every file
+    (about 110 s for a model and two sets)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:  # the hub library's own HTTP client: proxies, certificates and test transports apply
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as e:  # any transport failure (DNS, refused, timeout, TLS) means: not reachable
+        return f"{constants.ENDPOINT} did not answer within {HUB_PROBE_TIMEOUT_S:.0f} s ({type(e).__name__})"
+    return ""
+
+
 def load_model_config(path: str, *, key: str = "model.path"):
-    """The model's config (``config.json`` only, never weights): a local directory, a hub id, or
-    ``"tiny"``."""
+    """The model's config (``config.json`` only, never weights): a local directory, a hub id (from the
+    local cache only when the hub is unreachable), or ``"tiny"``."""
     if path == "tiny":
         from .tiny import tiny_config
 
         return tiny_config()
     from transformers import AutoConfig
 
+    offline = "" if os.path.isdir(os.path.expanduser(path)) else hub_unreachable()
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, local_files_only=bool(offline))
     except (OSError, ValueError) as e:
+        if offline:
+            raise ConfigError(f"config key `{key}` = {path!r}: not a local directory, not in the local "
+                              f"cache, and the hub is unreachable ({offline}). Give a local Hugging Face "
+                              "directory, or run where the hub is reachable.") from e
         raise ConfigError(f"config key `{key}` = {path!r}: could not read its config.json ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}). Give a local Hugging Face directory, a "
                           "hub id reachable from this machine, or \"tiny\".") from e
@@ -103,11 +129,17 @@ def count_params(config) -> tuple[int, int]:
         text += vocab * h  # lm_head
     vh, vi = v.hidden_size, v.intermediate_size
     block = (vh * 3 * vh + 3 * vh) + (vh * vh + vh) + 2 * (vh * vi + vi) + (vi * vh + vh) + 2 * vh
-    merged = vh * v.spatial_merge_size**2
-    merger = vh + (merged * merged + merged) + (merged * v.out_hidden_size + v.out_hidden_size)
+    merger = merger_params(v)
     patch_embed = v.in_channels * v.temporal_patch_size * v.patch_size**2 * vh  # Conv3d without bias
     vision = patch_embed + v.depth * block + merger
     return text, vision
+
+
+def merger_params(v) -> int:
+    """The vision merger (LayerNorm + 2-layer MLP over 2x2 merged patches)."""
+    vh = v.hidden_size
+    merged = vh * v.spatial_merge_size**2
+    return vh + (merged * merged + merged) + (merged * v.out_hidden_size + v.out_hidden_size)
 
 
 def model_arch(config) -> ModelArch:
@@ -120,7 +152,8 @@ def model_arch(config) -> ModelArch:
         intermediate=t.intermediate_size, vocab=t.vocab_size, tied=bool(config.tie_word_embeddings),
         vision_depth=v.depth, vision_hidden=v.hidden_size, vision_heads=v.num_heads,
         vision_intermediate=v.intermediate_size, vision_out=v.out_hidden_size, patch_size=v.patch_size,
-        merge_size=v.spatial_merge_size, text_params=text, vision_params=vision)
+        merge_size=v.spatial_merge_size, text_params=text, vision_params=vision,
+        merger_params=merger_params(v))
 
 
 # --- data ----------------------------------------------------------------------------------------------
@@ -161,6 +194,9 @@ def check_data(source: str, split: str, *, key: str, kind: str, columns, seed: i
     try:
         is_hub = source != "synthetic" and not os.path.exists(os.path.expanduser(source))
         if is_hub and source.count("/") == 1 and not source.startswith((".", "/")):
+            if offline := hub_unreachable():
+                raise ConfigError(f"config key `{key}` = {source!r}: the hub is unreachable ({offline}). "
+                                  "Use a local parquet/JSONL path, or run where the hub is reachable.")
             try:
                 ds = datasets.load_dataset(source, split=split, streaming=True)
                 first = next(iter(ds.take(1)), None)
@@ -214,51 +250,113 @@ def batch_plan(cfg: Config, stage: str, world: int, train_rows: int | None) -> d
             "epochs": g.steps / steps_per_epoch if steps_per_epoch else None}
 
 
-def _largest_unit(arch: ModelArch) -> int:
-    """Parameters of the largest FSDP2 shard group: a decoder layer, a vision block or the root
-    (embeddings, head, norm, merger and patch embedding), as ``model.apply_fsdp`` groups them."""
+def _units(arch: ModelArch) -> tuple[int, int]:
+    """(parameters of the largest non-root FSDP2 unit: a decoder layer or a vision block, parameters of the
+    root: embeddings, head, final norm, patch embedding and merger), as ``model.apply_fsdp`` groups them."""
     h, vh = arch.hidden, arch.vision_hidden
     layer = (h * h * 2 + 2 * h * arch.kv_dim + h + 2 * arch.kv_dim) + 3 * h * arch.intermediate + 2 * h
     block = 4 * vh * vh + 4 * vh + 3 * vh * arch.vision_intermediate + 2 * arch.vision_intermediate + 3 * vh
     merged = vh * arch.merge_size**2
-    root = arch.vocab * h * (1 if arch.tied else 2) + h + merged * merged + merged * arch.vision_out + vh
-    return max(layer, block, root)
+    patch_embed = 3 * 2 * arch.patch_size**2 * vh
+    root = (arch.vocab * h * (1 if arch.tied else 2) + h + merged * merged + merged + merged * arch.vision_out
+            + arch.vision_out + vh + patch_embed)
+    return max(layer, block), root
+
+
+def head_chunk(tokens: int, vocab: int) -> int:
+    """Tokens per head chunk, as the fused kernels choose it (``default_chunk_size``)."""
+    target = max(128, (1 << 29) // max(vocab, 1))
+    return min(max(tokens, 1), 1 << (target.bit_length() - 1))
+
+
+def micro_step_bytes(arch: ModelArch, *, stage: str, world: int, tokens: int, patches: float,
+                     loss_tokens: int, compute_bytes: int, grad_ckpt: bool,
+                     trainable: int) -> dict[str, float]:
+    """Bytes by component of one micro-step (forward + backward, no optimizer states), and its peak.
+
+    What the code allocates (a test measures it on the CPU at 3B width with a TorchDispatchMode):
+    - sharded fp32 master parameters and, at the end of backward, fp32 gradients (4 B each, / world);
+    - under FSDP2 (world > 1): two gathered 16-bit units (current + prefetch); the root (embeddings, head,
+      merger) stays gathered from forward to backward; in backward its unsharded gradients (param dtype)
+      and their fp32 copy that the reduce-scatter reads;
+    - the fused head: an fp32 dW accumulator [V, H] and a 16-bit dlogits chunk; GRPO's fused loss also
+      keeps the fp32 logits of the chunk and saves dW in the weight's dtype for backward (a second
+      [V, H] when that dtype is bf16);
+    - tied embeddings (3B): the embedding's backward makes a dense [V, H] gradient, and accumulating it
+      into the head's gradient makes a third [V, H] for a moment;
+    - activations of the micro-batch (see the module docstring) in the compute dtype.
+    Peak: the larger of the head's moment (all activations held, the head's buffers) and the end of
+    backward (gradients, the embedding's accumulation, the root's reduce-scatter input)."""
+    cb = compute_bytes
+    fsdp = world > 1
+    grad_bytes = cb if fsdp else 4  # FSDP2's unsharded gradients are in the param dtype; else fp32 masters
+    unit, root = _units(arch)
+    vh = arch.vocab * arch.hidden
+    out = {"parameters (fp32 master, sharded)": 4 * arch.total_params / world,
+           "gradients (fp32, sharded)": 4 * trainable / world,
+           "all-gathered units (current + prefetch)": 2 * cb * unit if fsdp else 0.0,
+           "FSDP root, gathered (forward to backward)": cb * root if fsdp else 0.0}
+    per_layer = tokens * (8 * arch.hidden + 2 * arch.kv_dim + 4 * arch.intermediate) * cb
+    per_block = patches * (8 * arch.vision_hidden + 4 * arch.vision_intermediate) * cb
+    full = arch.layers * per_layer + arch.vision_depth * per_block + tokens * arch.hidden * cb
+    ckpt = (arch.layers * tokens * arch.hidden * cb + arch.vision_depth * patches * arch.vision_hidden * cb
+            + max(per_layer, per_block) + tokens * arch.hidden * cb)
+    out["activations, no checkpointing"] = full
+    out["activations, checkpointing"] = ckpt
+    chunk = head_chunk(loss_tokens, arch.vocab)
+    head = 4 * vh + chunk * arch.vocab * cb + loss_tokens * arch.hidden * cb  # dW fp32, dlogits, dh
+    if stage == "grpo":
+        head += chunk * arch.vocab * 4 + (vh * cb if cb != 4 else 0)  # fp32 logits; dW saved in weight dtype
+    out["fused head (dW fp32, dlogits chunk)"] = head
+    tied = 2 * grad_bytes * vh if arch.tied else 0.0
+    out["tied embedding backward (dense grad + sum)"] = tied
+    out["FSDP root gradients + reduce-scatter input"] = (grad_bytes + 4) * root if fsdp else 0.0
+    state = sum(out[k] for k in ("parameters (fp32 master, sharded)",
+                                 "all-gathered units (current + prefetch)",
+                                 "FSDP root, gathered (forward to backward)"))
+    acts = ckpt if grad_ckpt else full
+    # unsharded (world 1): the gradients are the full fp32 ones, complete at the end of backward
+    grads = out["gradients (fp32, sharded)"]
+    at_head = acts + head
+    at_end = grads + max(tied, out["FSDP root gradients + reduce-scatter input"])
+    out["micro-step peak"] = state + max(at_head, at_end)
+    return out
 
 
 def memory_plan(arch: ModelArch, cfg: Config, stage: str, world: int, gpu_gib: float) -> dict[str, float]:
-    """Per-GPU GiB by component (see the module docstring for the model)."""
-    p, trainable = arch.total_params, arch.total_params - (arch.vision_params if cfg.model.freeze_vision else 0)
-    out = {"parameters (fp32 master, sharded)": 4 * p / world,
-           "gradients (fp32, sharded)": 4 * trainable / world,
-           "AdamW states (2 x fp32, sharded)": 8 * trainable / world,
-           "all-gathered bf16 units (current + prefetch)": 2 * 2 * _largest_unit(arch) if world > 1 else 0.0}
-    if stage == "grpo" and cfg.grpo.kl_coef > 0:
-        out["reference model (fp32, sharded)"] = 4 * p / world
+    """Per-GPU GiB by component (see the module docstring and :func:`micro_step_bytes`)."""
+    trainable = arch.total_params - (arch.vision_params - arch.merger_params if cfg.model.freeze_vision else 0)
     if stage == "sft":
         budget, seq_len = cfg.sft.max_tokens_per_microbatch, cfg.data.max_length
     else:
         budget, seq_len = cfg.grpo.max_tokens_per_microbatch, cfg.grpo.max_prompt_length + cfg.grpo.max_response_length
     image_tokens = min(cfg.data.max_pixels // MERGED_PATCH_PIXELS, seq_len)
     patches = budget * image_tokens / seq_len * arch.merge_size**2
-    per_layer = budget * (8 * arch.hidden + 2 * arch.kv_dim + 4 * arch.intermediate) * 2
-    per_block = patches * (8 * arch.vision_hidden + 4 * arch.vision_intermediate) * 2
-    full = arch.layers * per_layer + arch.vision_depth * per_block + budget * arch.hidden * 4
-    ckpt = (arch.layers * budget * arch.hidden * 2 + arch.vision_depth * patches * arch.vision_hidden * 2
-            + max(per_layer, per_block) + budget * arch.hidden * 4)
-    out["activations, no checkpointing"] = full
-    out["activations, checkpointing"] = ckpt
-    chosen = ckpt if cfg.model.gradient_checkpointing else full
+    cb = 4 if cfg.model.dtype == "float32" else 2
+    step = micro_step_bytes(arch, stage=stage, world=world, tokens=budget, patches=patches,
+                            loss_tokens=budget, compute_bytes=cb, grad_ckpt=cfg.model.gradient_checkpointing,
+                            trainable=trainable)
+    peak = step.pop("micro-step peak")
+    out = dict(step)
+    out["AdamW states (2 x fp32, sharded)"] = 8 * trainable / world
+    if stage == "grpo" and cfg.grpo.kl_coef > 0:
+        out["reference model (bf16, sharded)"] = cb * arch.total_params / world
     out = {k: v / GIB for k, v in out.items()}
-    state = sum(v for k, v in out.items() if not k.startswith("activations"))
-    out["training peak (state + chosen activations)"] = state + chosen / GIB
+    extra = out["AdamW states (2 x fp32, sharded)"] + out.get("reference model (bf16, sharded)", 0.0)
+    # the caching allocator keeps freed blocks for reuse; reserved exceeds allocated by the
+    # fragmentation of blocks split for other sizes, ~10% of the peak (not measurable on the CPU)
+    slack = out["allocator fragmentation (10% of the peak)"] = 0.1 * (peak / GIB + extra)
+    out["training peak (state + chosen activations)"] = peak / GIB + extra + slack
+    state = (out["parameters (fp32 master, sharded)"] + out["gradients (fp32, sharded)"] + extra)
     if stage == "grpo" or cfg.rollout.engine == "vllm":
         r = cfg.rollout
-        weights = 2 * p / r.tensor_parallel_size / GIB
+        weights = 2 * arch.total_params / r.tensor_parallel_size / GIB
         pool = r.gpu_memory_utilization * gpu_gib
         kv_per_token = 2 * arch.layers * arch.kv_dim * 2 / r.tensor_parallel_size
         out["vLLM weights (bf16)"] = weights
         out["vLLM KV cache"] = max(pool - weights, 0.0)
         out["vLLM KV tokens that fit"] = max(pool - weights, 0.0) * GIB / kv_per_token
+        # the trainer's cached blocks are released before every wake (trainer_utils.release_cached_memory)
         out["awake: sharded training state + vLLM pool"] = state + pool
     return out
 
@@ -353,7 +451,7 @@ def format_plan(plan: Plan, cfg: Config) -> str:
             f"MLP {a.intermediate}, vocab {a.vocab}, embeddings {'tied' if a.tied else 'untied'}",
             f"  vision: {a.vision_depth} blocks, hidden {a.vision_hidden}, heads {a.vision_heads}, MLP "
             f"{a.vision_intermediate}, patch {a.patch_size}, merge {a.merge_size}x{a.merge_size}, out {a.vision_out}"
-            f"{' (frozen)' if cfg.model.freeze_vision else ''}",
+            f"{' (blocks frozen, merger trained)' if cfg.model.freeze_vision else ''}",
             f"  parameters (from the config): {a.total_params:,} = text {a.text_params:,} + vision {a.vision_params:,}"
             f" ({a.total_params / 1e9:.2f}B)"]
     lines.append("")

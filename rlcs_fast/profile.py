@@ -251,24 +251,29 @@ def profile_train(config, device: torch.device, *, tokens: int, seq_len: int, im
     head = sft_loss_fn(batch.targets[batch.loss_mask], 1.0 / max(n_loss, 1), kernels_impl)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+    phase_peak = dict.fromkeys(phases, 0.0)  # GiB, max over the measured steps
     losses = []
-    for step in range(warmup + steps):
-        if step == warmup and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+
+    def mark(step: int, name: str | None) -> float:
+        """Synchronise, note the peak of the phase that just ended, restart the peak; the host clock."""
         sync(device)
-        t0 = time.perf_counter()
+        if device.type == "cuda":
+            if name is not None and step >= warmup:
+                phase_peak[name] = max(phase_peak[name], torch.cuda.max_memory_allocated(device) / 2**30)
+            torch.cuda.reset_peak_memory_stats(device)
+        return time.perf_counter()
+
+    for step in range(warmup + steps):
+        t0 = mark(step, None)
         with autocast:
             loss = policy(batch, head)
-        sync(device)
-        t1 = time.perf_counter()
+        t1 = mark(step, "forward")
         loss.backward()
-        sync(device)
-        t2 = time.perf_counter()
+        t2 = mark(step, "backward")
         clip_grad_norm(policy, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync(device)
-        t3 = time.perf_counter()
+        t3 = mark(step, "optimizer")
         losses.append(float(loss.detach()))
         if step >= warmup:
             for times, t in zip(phases.values(), (t1 - t0, t2 - t1, t3 - t2)):
@@ -279,7 +284,7 @@ def profile_train(config, device: torch.device, *, tokens: int, seq_len: int, im
     out["step"] = sum(out.values())
     params = sum(p.numel() for p in policy.parameters())
     if device.type == "cuda":
-        mem = {"peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        mem = {"peak_gib": max(phase_peak.values()), "peak_gib_by_phase": phase_peak,
                "after_step_gib": torch.cuda.memory_allocated(device) / 2**30,
                "kind": "torch.cuda.max_memory_allocated over the measured steps; after_step: weights, "
                        "optimizer state and the batch"}

@@ -40,9 +40,23 @@ from .model import (
     load_processor,
 )
 from .rollout import engine as rollout_engine
-from .trainer_utils import iter_full_weights
+from .trainer_utils import iter_full_weights, release_cached_memory
 
 log = logging.getLogger("rlcs_fast")
+
+
+# One rollout engine per process for the whole run, reused by every stage: vLLM allows one sleep-mode
+# instance per process, and the SFT stage's validation engine would otherwise still hold its memory
+# pools (and its claim on the process) when the GRPO stage builds its own. Weights are pushed before
+# every generation, so the stage that built it does not matter.
+_process_engine: dict[str, Any] = {}
+
+
+def close_engine() -> None:
+    """End of the run: shut the process's engine down (engines without `shutdown` are just dropped)."""
+    engine = _process_engine.pop("engine", None)
+    if engine is not None and hasattr(engine, "shutdown"):
+        engine.shutdown()
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
@@ -143,10 +157,13 @@ class StageContext:
     # --- engine and rewards -----------------------------------------------------------------------
     @property
     def engine(self):
+        if self._engine is None and "engine" in _process_engine:
+            self._engine = _process_engine["engine"]
         if self._engine is None:
             tok = self.processor.tokenizer
             r = self.cfg.rollout
-            self._engine = rollout_engine.make_engine(  # looked up at call time: tests inject engines
+            # make_engine is looked up at call time: tests inject engines
+            self._engine = _process_engine["engine"] = rollout_engine.make_engine(
                 r.engine, self.init_path, device=self.device, batch_size=r.batch_size,
                 eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
                 gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
@@ -174,24 +191,30 @@ class StageContext:
         return (c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id)
 
     def sync_engine(self) -> float:
-        """Wake the engine, stream the current policy weights into it; returns seconds spent."""
+        """Release the trainer's cached memory, wake the engine, stream the current policy weights into it;
+        returns seconds spent."""
         import time
 
         t0 = time.perf_counter()
         dtype = torch.bfloat16 if self.device.type == "cuda" else None
-        self.engine.wake_up()
+        engine = self.engine
+        release_cached_memory()
+        engine.wake_up()
         self.engine.load_weights(iter_full_weights(self.policy.model, dtype))
         return time.perf_counter() - t0
 
     def reference_policy(self) -> Policy:
-        """The frozen initial policy for the KL term, sharded like the policy."""
+        """The frozen initial policy for the KL term, sharded like the policy, held in the compute dtype
+        (it has no optimizer, so no fp32 master copy) and resharded after every forward (no backward
+        follows): about 4 GiB less per rank than an fp32 copy whose root stays gathered at 3B."""
         offload = self.cfg.model.cpu_offload
         model, _ = load_model(self.init_path, attention=self.cfg.model.attention,
-                              device="cpu" if offload else self.device)
+                              device="cpu" if offload else self.device,
+                              dtype=torch.bfloat16 if self.mixed_precision else torch.float32)
         model.requires_grad_(False)
         ref = Policy(model).eval()
         if self.world > 1 or offload:
-            apply_fsdp(ref, mixed_precision=self.mixed_precision, cpu_offload=offload)
+            apply_fsdp(ref, mixed_precision=self.mixed_precision, cpu_offload=offload, reshard_root=True)
         return ref
 
     # --- checkpoints ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from .config import ConfigError, dump_toml, parse_args, to_dict
 from .faults import EXIT_PREEMPTED, Preempted, Preemption, TooManyBadSteps
 from .metrics import MetricsLogger, setup_logging
 from .model import resolve_model_path
-from .stage import StageContext, stage_dir, stage_done
+from .stage import StageContext, close_engine, stage_dir, stage_done
 
 log = logging.getLogger("rlcs_fast")
 
@@ -68,9 +68,11 @@ def run(cfg, preemption: Preemption) -> int:
         dist.shutdown(wait=False)
         return 1
     except BaseException:
+        close_engine()
         metrics.close()
         dist.shutdown(wait=False)
         raise
+    close_engine()
     metrics.close()
     dist.shutdown()
     return 0

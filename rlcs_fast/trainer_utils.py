@@ -3,6 +3,7 @@ gradient clipping, and the weight stream to the rollout engine."""
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Iterator
@@ -105,6 +106,29 @@ def iter_full_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Ite
             full = full.to(dtype)  # the float32 gather is freed here, before the yield
         yield name, full
         del full  # otherwise it stays alive during the next all-gather: two full tensors at once
+
+
+_allocator_releases = 0
+
+
+def release_cached_memory() -> None:
+    """Give the trainer's cached allocator blocks back to the driver before a co-located vLLM wakes.
+
+    vLLM maps its weights and KV cache outside torch's caching allocator; after an update the cache still
+    holds the training step's peak (activations, gathered shards, logits chunks), so a wake without this
+    runs out of memory at step 2 (TRL and EasyR1 do the same before waking). `gc` first: a tensor kept
+    alive only by a reference cycle holds its block. Counted, so that the fake engine can check it ran
+    before every wake."""
+    global _allocator_releases
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    _allocator_releases += 1
+
+
+def allocator_releases() -> int:
+    """How many times this process released the allocator cache (see `release_cached_memory`)."""
+    return _allocator_releases
 
 
 def peak_memory_gb(device: torch.device) -> float:

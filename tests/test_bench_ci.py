@@ -40,6 +40,7 @@ def ci_results(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_bench_ci_variant_covers_every_op_and_mode(ci_results):
     env = ci_results["environment"]
     assert env["device_type"] == "cpu" and env["versions"]["torch"] and "git_revision" in env
@@ -56,6 +57,7 @@ def test_bench_ci_variant_covers_every_op_and_mode(ci_results):
             assert r["method"] == "liger" and r["status"] == "skipped" and r["reason"], r
 
 
+@pytest.mark.slow
 def test_render_writes_tables_between_markers_and_plots(ci_results, tmp_path):
     render = _load_render()
     results = tmp_path / "results"
@@ -82,6 +84,7 @@ def test_render_writes_tables_between_markers_and_plots(ci_results, tmp_path):
         assert len(list((tmp_path / "plots").glob("*.png"))) >= 6
 
 
+@pytest.mark.slow
 def test_profile_tiny_step_reports_phases_and_scales_to_full_depth(tmp_path, capsys):
     out = tmp_path / "profile.json"
     profile.main(["--model", "tiny", "--layers", "2", "--tokens", "256", "--seq-len", "64", "--steps", "1",

@@ -190,6 +190,7 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+@pytest.mark.slow
 def test_killed_mid_checkpoint_resumes_from_the_previous_one(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-c", SLOW_SAVE, "--cfg", CONFIG, "--run.dir", str(run), *ARGS]

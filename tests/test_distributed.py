@@ -86,6 +86,7 @@ def test_data_order_does_not_depend_on_world_size():
             assert len({len(s) for s in shares}) == 1  # 12 splits evenly: no rank pads the step
 
 
+@pytest.mark.slow
 def test_one_two_three_processes_give_the_same_losses(two_procs, tmp_path):
     """The same global batch on 1, 2 and 3 ranks (3 shards the tiny model's tensors unevenly)."""
     for nproc in (1, 3):
@@ -97,6 +98,7 @@ def test_one_two_three_processes_give_the_same_losses(two_procs, tmp_path):
             assert_same(ref, got, ref, f"{key} on {nproc} vs 2 processes")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 3])
 def test_two_process_checkpoint_resumes_on_another_world_size(two_procs, tmp_path, nproc):
     run = tmp_path / "resumed"
@@ -115,6 +117,7 @@ def test_two_process_checkpoint_resumes_on_another_world_size(two_procs, tmp_pat
     assert (run / "sft" / "DONE").is_file()
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_gives_the_same_losses(two_procs, tmp_path):
     run = tmp_path / "ac"
     train(run, "--model.gradient_checkpointing", "true", "--checkpoint.every", "0", nproc=2)
@@ -194,6 +197,7 @@ def worker_out(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_streamed_weights_are_the_full_parameters_under_hf_names(worker_out):
     report = json.loads((worker_out / "report.json").read_text())
     assert report["sharded"], "the worker's model was not sharded: the test checks nothing"
@@ -207,6 +211,7 @@ def test_streamed_weights_are_the_full_parameters_under_hf_names(worker_out):
     assert report["gathers_total"] == report["n_params"] == len(reference)
 
 
+@pytest.mark.slow
 def test_sharded_export_equals_the_unsharded_model_and_loads(worker_out, tmp_path):
     from safetensors import safe_open
     from transformers import Qwen2_5_VLForConditionalGeneration

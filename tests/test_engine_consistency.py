@@ -9,6 +9,7 @@ model other than the one it sampled from.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoConfig
 
@@ -24,6 +25,7 @@ from rlcs_fast.tiny import tiny_path
 PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)  # configs/tiny.toml
 
 
+@pytest.mark.slow
 def test_engine_logprobs_equal_trainer_logprobs_with_images():
     path = str(tiny_path(seed=0))
     processor = load_processor(path, **PIXELS)
@@ -37,7 +39,8 @@ def test_engine_logprobs_equal_trainer_logprobs_with_images():
     engine = HFEngine(path, device=torch.device("cpu"), batch_size=8, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
                       pad_token_id=tok.pad_token_id)
     n = 2
-    completions = engine.generate(prompts, SamplingParams(n=n, temperature=1.0, max_tokens=12, logprobs=True, seed=1))
+    sampling = SamplingParams(n=n, temperature=0.7, max_tokens=12, logprobs=True, seed=1)
+    completions = engine.generate(prompts, sampling)
     rollouts = build_rollouts(prompts, completions, [{}] * len(completions), torch.zeros(len(completions)), n)
     assert len(rollouts) == len(prompts) * n
 
@@ -45,7 +48,9 @@ def test_engine_logprobs_equal_trainer_logprobs_with_images():
     policy = Policy(model).eval()
     batch = pack([r.sample for r in rollouts], config.vision_config)
     with torch.no_grad():
-        trainer = policy(batch, logprob_head(batch.targets[batch.loss_mask], 1.0, "torch"))
+        # sampled at 0.7, compared at T = 1: engines report raw log-probs (SamplingParams.logprobs)
+        head = logprob_head(batch.targets[batch.loss_mask], 0.7, "torch", with_raw=True)
+        trainer = policy(batch, head)[:, 1]
     engine_lp = torch.tensor([lp for r in rollouts for lp in r.engine_logprobs])
     assert engine_lp.shape == trainer.shape
     torch.testing.assert_close(engine_lp, trainer.float(), atol=1e-4, rtol=0)

@@ -19,6 +19,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 import rlcs_fast.grpo as grpo
+import rlcs_fast.stage as stage_module
 from rlcs_fast import train
 from rlcs_fast.config import DataConfig
 from rlcs_fast.data import Columns, Encoder
@@ -29,7 +30,7 @@ from rlcs_fast.rollout.fake_engine import FakeEngine, tensor_checksum
 from rlcs_fast.rollout.vllm_engine import check_alloc_conf, collapse_image_pads, vllm_prompt, vllm_weight_name
 from rlcs_fast.stage import StageContext
 from rlcs_fast.tiny import SPECIAL_IDS, tiny_path
-from rlcs_fast.trainer_utils import iter_full_weights
+from rlcs_fast.trainer_utils import iter_full_weights, release_cached_memory
 
 CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny.toml")
 IMAGE_PAD = SPECIAL_IDS["<|image_pad|>"]
@@ -108,9 +109,11 @@ def test_sleep_mode_refuses_expandable_segments(conf):
 
 # --- the fake engine's state machine -----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def fake():
-    return FakeEngine(str(tiny_path()), eos_token_id=EOS, pad_token_id=PAD, batch_size=8)
+    engine = FakeEngine(str(tiny_path()), eos_token_id=EOS, pad_token_id=PAD, batch_size=8)
+    yield engine
+    engine.shutdown()
 
 
 def _requests(n: int = 2):
@@ -126,7 +129,10 @@ def test_fake_engine_enforces_vllm_state_machine(fake):
     weights = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_path(), dtype=torch.float32).state_dict()
     reqs, greedy = _requests(), SamplingParams(temperature=0, max_tokens=4)
     assert fake.calls == ["sleep(2)"] and fake.memory_gb() == 0.0  # born asleep, weights freed
+    with pytest.raises(RuntimeError, match="cached allocator blocks"):
+        fake.wake_up()
     with pytest.raises(RuntimeError, match="without a weight push"):
+        release_cached_memory()
         fake.wake_up()
         fake.generate(reqs, greedy)
     fake.load_weights(iter(weights.items()))
@@ -137,6 +143,9 @@ def test_fake_engine_enforces_vllm_state_machine(fake):
         fake.generate(reqs, greedy)
     with pytest.raises(RuntimeError, match="sleeping"):
         fake.load_weights(iter(weights.items()))
+    with pytest.raises(RuntimeError, match="cached allocator blocks"):  # released before the sleep: stale
+        fake.wake_up()
+    release_cached_memory()
     fake.wake_up()
     with pytest.raises(RuntimeError, match="without a weight push"):
         fake.generate(reqs, greedy)
@@ -152,24 +161,27 @@ def test_fake_engine_enforces_vllm_state_machine(fake):
     assert fake.memory_gb() > 0
     fake.sleep()
     assert fake.memory_gb() == 0.0
+    with pytest.raises(RuntimeError, match="second sleep-mode engine"):
+        FakeEngine(str(tiny_path()), eos_token_id=EOS, pad_token_id=PAD, batch_size=8)
 
 
 # --- the GRPO loop with the fake engine --------------------------------------------------------------
 
-def _run_grpo(tmp_path: Path, monkeypatch, engines: list) -> int:
+def _run_grpo(tmp_path: Path, monkeypatch, engines: list, *extra: str) -> int:
     def make_fake(kind, model_path, *, device, batch_size, eos_token_id, pad_token_id, **_vllm_kwargs):
         engines.append(FakeEngine(model_path, device=device, batch_size=batch_size, eos_token_id=eos_token_id,
                                   pad_token_id=pad_token_id))
         return engines[-1]
 
     monkeypatch.setattr(rollout_engine, "make_engine", make_fake)
-    return train.main(["--cfg", CONFIG, "--run.dir", str(tmp_path / "run"), *SMALL])
+    return train.main(["--cfg", CONFIG, "--run.dir", str(tmp_path / "run"), *SMALL, *extra])
 
 
 def _checksums(model: torch.nn.Module) -> dict[str, str]:
     return {k: tensor_checksum(v) for k, v in iter_full_weights(model)}
 
 
+@pytest.mark.slow
 def test_grpo_loop_pushes_current_weights_each_step(tmp_path, monkeypatch):
     updated: list[dict[str, str]] = []  # the policy's weights after each optimizer update
     initial: list[dict[str, str]] = []
@@ -191,8 +203,8 @@ def test_grpo_loop_pushes_current_weights_each_step(tmp_path, monkeypatch):
     assert _run_grpo(tmp_path, monkeypatch, engines) == 0
     (fake,) = engines
 
-    # validation at step 0, steps 1 and 2, validation at the end: each one full sync cycle
-    assert fake.calls == ["sleep(2)"] + SYNC * 4
+    # validation at step 0, steps 1 and 2, validation at the end: each one full sync cycle; then shut down
+    assert fake.calls == ["sleep(2)"] + SYNC * 4 + ["shutdown"]
     assert len(updated) == 2 and len(initial) == 1
     assert fake.pushes == [initial[0], initial[0], updated[0], updated[1]]
     assert updated[0] != initial[0] and updated[1] != updated[0]  # the updates did change the weights
@@ -204,14 +216,41 @@ def test_grpo_loop_pushes_current_weights_each_step(tmp_path, monkeypatch):
         assert r["mem/vllm_awake_gb"] > 0 and r["mem/vllm_asleep_gb"] == 0.0 and r["time/sync"] > 0
 
 
+@pytest.mark.slow
 def test_grpo_loop_that_forgets_the_push_fails(tmp_path, monkeypatch):
     def sync_without_push(self) -> float:
-        self.engine.wake_up()
+        engine = self.engine
+        release_cached_memory()
+        engine.wake_up()
         return 0.0
 
     monkeypatch.setattr(StageContext, "sync_engine", sync_without_push)
     with pytest.raises(RuntimeError, match="without a weight push"):
         _run_grpo(tmp_path, monkeypatch, [])
+
+
+def test_grpo_loop_that_keeps_the_allocator_cache_before_a_wake_fails(tmp_path, monkeypatch):
+    """On a GPU the wake after the first update runs out of memory: the cache holds the training peak."""
+    monkeypatch.setattr(stage_module, "release_cached_memory", lambda: None)
+    with pytest.raises(RuntimeError, match="cached allocator blocks"):
+        _run_grpo(tmp_path, monkeypatch, [])
+
+
+@pytest.mark.slow
+def test_sft_then_grpo_share_one_engine(tmp_path, monkeypatch):
+    """vLLM allows one sleep-mode engine per process: SFT's validation engine is the one GRPO uses, and
+    the run shuts it down at the end."""
+    engines: list[FakeEngine] = []
+    two_stages = ["--run.stages", '["sft", "grpo"]', "--sft.steps", "1", "--sft.global_batch_size", "2",
+                  "--sft.val_generate", "true", "--grpo.val_before_train", "false"]
+    assert _run_grpo(tmp_path, monkeypatch, engines, *two_stages) == 0
+    (fake,) = engines
+    # SFT's validation, GRPO's steps 1 and 2, GRPO's final validation
+    assert fake.calls == ["sleep(2)"] + SYNC * 4 + ["shutdown"]
+    assert FakeEngine._live is None
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["stage"] == "sft" and "val/accuracy" in r for r in rows)
+    assert [r["step"] for r in rows if r["stage"] == "grpo" and "train/loss" in r] == [1, 2]
 
 
 # --- the real engine on a GPU ------------------------------------------------------------------------

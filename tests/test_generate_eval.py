@@ -48,6 +48,7 @@ def trained_run(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_eval_reproduces_the_logged_val_accuracy(trained_run, tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(trained_run / "plug"))  # the run's reward.function, for eval's scorer
     rows = [json.loads(x) for x in (trained_run / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -83,6 +84,7 @@ def test_pass_and_mean_at_k():
     assert "| mean@3 | 44.4 | 100.0 |" in md and "| algebra mean@3 | 50.0 | – |" in md
 
 
+@pytest.mark.slow
 def test_eval_benchmark_columns_categories_and_two_models(tmp_path, monkeypatch):
     import datasets
 
@@ -127,6 +129,7 @@ def image_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_generate_streams_the_models_greedy_answer_to_the_training_prompt(trained_run, image_file):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -157,6 +160,7 @@ def test_generate_streams_the_models_greedy_answer_to_the_training_prompt(traine
     assert expected and out.getvalue() == expected + "\n"
 
 
+@pytest.mark.slow
 def test_generate_interactive_answers_each_line_and_exits_on_eof(trained_run, image_file):
     model_dir = str(trained_run / "run" / "sft" / "hf")
     stdin = io.StringIO(f"{image_file} How many red shapes?\n\n/no/such/image.png What?\n{image_file} Count them.\n")
@@ -165,6 +169,7 @@ def test_generate_interactive_answers_each_line_and_exits_on_eof(trained_run, im
     assert len(out.getvalue().splitlines()) == 2  # one answer per usable line; the bad path is reported, skipped
 
 
+@pytest.mark.slow
 def test_generate_cli_needs_a_question_or_interactive():
     with pytest.raises(SystemExit):
         generate.parse_args(["--model", "x", "--image", "y.png"])

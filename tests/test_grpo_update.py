@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from rlcs_fast.config import load_config
@@ -42,6 +43,7 @@ def _ctx(tmp_path, **overrides):
                                device=torch.device("cpu"), metrics=MetricsLogger(tmp_path, progress=False))
 
 
+@pytest.mark.slow
 def test_update_raises_positive_and_lowers_negative_advantage(tmp_path):
     ctx = _ctx(tmp_path, **{"grpo.max_tokens_per_microbatch": 400, "kernels.impl": "torch"})
     g = ctx.cfg.grpo
@@ -59,6 +61,7 @@ def test_update_raises_positive_and_lowers_negative_advantage(tmp_path):
         assert delta * r.advantage > 0, (r.advantage, delta)
 
 
+@pytest.mark.slow
 def test_update_gradient_does_not_depend_on_token_budget(tmp_path):
     grads = []
     for budget in (150, 400, 4000):
@@ -84,3 +87,46 @@ def test_update_gradient_does_not_depend_on_token_budget(tmp_path):
     for other in grads[1:]:
         for name, grad in grads[0].items():
             torch.testing.assert_close(other[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _step_grads(ctx, rollouts, on_policy: bool):
+    g = ctx.cfg.grpo
+    opt, sched = build_optimizer(ctx.policy, lr=0.0, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8,
+                                 warmup_ratio=0.0, schedule="constant", min_lr_ratio=0.0, total_steps=1)
+    captured = {}
+    orig_step = opt.step
+
+    def capture(*a, **k):
+        captured.update({n: p.grad.clone() for n, p in ctx.policy.named_parameters() if p.grad is not None})
+        return orig_step(*a, **k)
+
+    opt.step = capture
+    stats = update(ctx, rollouts, opt, sched, g, with_ref=False, on_policy=on_policy)
+    return stats, captured
+
+
+@pytest.mark.slow
+def test_on_policy_update_equals_a_separate_old_logprob_forward(tmp_path):
+    # One update per rollout batch: the detached log-probs of the training forward replace the no-grad
+    # forward run_grpo ran before; loss, statistics and every gradient are those of the old path.
+    overrides = {"grpo.max_tokens_per_microbatch": 150, "grpo.max_prompt_length": 100,
+                 "grpo.max_response_length": 40, "kernels.impl": "torch"}
+    ctx = _ctx(tmp_path / "old", **overrides)
+    old_path = _rollouts(ctx)
+    for r, lp in zip(old_path, compute_logprobs(ctx.policy, old_path, ctx=ctx, max_tokens=150,
+                                                temperature=ctx.cfg.grpo.temperature)):
+        r.old_logprobs = lp
+    stats_old, grads_old = _step_grads(ctx, old_path, on_policy=False)
+    ctx = _ctx(tmp_path / "new", **overrides)
+    new_path = _rollouts(ctx)
+    stats_new, grads_new = _step_grads(ctx, new_path, on_policy=True)
+    assert stats_new["actor/ratio_mean"] == 1.0 and stats_new["actor/clip_frac"] == 0.0
+    for k in ("train/loss", "actor/entropy", "train/grad_norm"):
+        new, old = stats_new[k], stats_old[k]
+        assert abs(new - old) <= 1e-5 * max(1.0, abs(old)), (k, new, old)
+    assert grads_new.keys() == grads_old.keys() and grads_new
+    for name, grad in grads_old.items():
+        torch.testing.assert_close(grads_new[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    # The training forward's log-probs are kept for the engine-vs-trainer log-prob gap metric.
+    for a, b in zip(new_path, old_path):
+        torch.testing.assert_close(a.old_logprobs, b.old_logprobs, rtol=1e-5, atol=1e-5)

@@ -86,6 +86,7 @@ def _assert_grads_equal(triton_grads: dict, torch_grads: dict) -> None:
         torch.testing.assert_close(triton_grads[name], want, rtol=RTOL, atol=RTOL * scale, msg=name)
 
 
+@pytest.mark.slow
 def test_sft_loss_and_gradients_equal_with_kernels_on_and_off(setup):
     policy, encoder = setup
     rows = synthetic_dataset("sft", "train", 3, seed=11)
@@ -135,6 +136,7 @@ def grpo_batch(setup):
     return batch, index, targets, seq_ids, old, adv, mask, ref, hidden, len(rollouts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("agg", AGGS)
 def test_grpo_loss_and_gradients_equal_with_kernels_on_and_off(setup, grpo_batch, agg):
     policy, _ = setup

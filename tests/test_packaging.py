@@ -1,12 +1,11 @@
 """Packaging (DESIGN.md "Packaging"): ``kernels/`` at the repository root is ``rlcs_fast.kernels``.
 
-A top-level folder named ``kernels`` is also what transformers finds when it probes for the PyPI package
-``kernels`` whenever the repository root is on ``sys.path`` (``python -m``/``torchrun -m`` from a
-checkout). Each case runs in a fresh interpreter so that ``sys.path`` is exactly what a user gets:
-editable and regular installs, run from the repository root and from elsewhere, with and without a
-distribution named ``kernels`` installed. The probe imports transformers' Qwen2.5-VL class (what the
-shadowing used to break), the trainer's modules, and runs ``rlcs_fast.kernels.fused_linear_logprob``
-against a float64 log-softmax so that "importable" means "the real kernels module, working".
+How, and why a top-level ``kernels`` steps aside: the docstring of ``rlcs_fast/__init__.py``. Each case
+runs in a fresh interpreter so that ``sys.path`` is exactly what a user gets: editable and regular
+installs, run from the repository root and from elsewhere, with and without a distribution named
+``kernels`` installed. The probe imports transformers' Qwen2.5-VL class (what the shadowing used to
+break), the trainer's modules, and runs ``rlcs_fast.kernels.fused_linear_logprob`` against a float64
+log-softmax so that "importable" means "the real kernels module, working".
 """
 
 from __future__ import annotations
@@ -20,9 +19,13 @@ import site
 import subprocess
 import sys
 import textwrap
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.slow  # fresh interpreters, virtual environments and pip installs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,10 +110,22 @@ def _pip_install(src: Path, target: Path) -> None:
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
+def _editable_install_of(root: Path) -> bool:
+    """An installed rlcs-fast is an editable install of ``root`` (its PEP 610 ``direct_url.json``); a
+    regular install with the checkout on PYTHONPATH imports from the checkout too, but is not one."""
+    for dist in importlib.metadata.distributions(name="rlcs-fast"):
+        info = json.loads(dist.read_text("direct_url.json") or "{}")
+        url = urllib.parse.urlparse(info.get("url", ""))
+        if info.get("dir_info", {}).get("editable") and url.scheme == "file":
+            if Path(urllib.request.url2pathname(url.path)).resolve() == root.resolve():
+                return True
+    return False
+
+
 @pytest.fixture(scope="module")
 def editable() -> None:
     spec = importlib.util.find_spec("rlcs_fast")
-    if spec is None or not _is_under(spec.origin, REPO):
+    if spec is None or not _is_under(spec.origin, REPO) or not _editable_install_of(REPO):
         pytest.skip("rlcs_fast here is not an editable install of this checkout")
 
 

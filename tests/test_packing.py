@@ -164,6 +164,7 @@ def test_unpacked_positions_silently_do_not_pack() -> None:
             forward_hidden(model, PackedBatch(**{**batch.__dict__, "position_ids": bad_positions}))
 
 
+@pytest.mark.slow
 def test_step_gradient_independent_of_token_budget() -> None:
     """Summing micro-batch gradients of a loss normalised by the step's loss-token count gives one
     step gradient, whatever the budget and rank split."""

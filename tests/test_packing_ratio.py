@@ -57,6 +57,7 @@ def test_tiny_sft_epoch_packs_without_padding(bench):
         1 - sum(lengths) / out["positions"]["padded_matched"])
 
 
+@pytest.mark.slow
 def test_tiny_sft_epoch_saves_at_least_30_percent(bench):
     # one epoch of the default run's first 512 rows (16 steps of 32): the problems' long-tailed context
     # makes padding to the longest sequence of each micro-batch cost >= 30% more positions than packing

@@ -80,7 +80,8 @@ def test_recipe_values(size):
     assert sft.data.train == "WaltonFuture/Multimodal-Cold-Start"
     assert grpo.data.train == "WaltonFuture/Multimodal-RL-Data"
     assert sft.sft.epochs == 3 and sft.sft.steps == 0 and sft.data.max_pixels == 1204224
-    assert sft.model.gradient_checkpointing and not sft.model.freeze_vision and sft.data.system_prompt
+    # ms-swift's defaults with --freeze_aligner false: ViT frozen, merger and LLM trained
+    assert sft.model.gradient_checkpointing and sft.model.freeze_vision and sft.data.system_prompt
     g = grpo.grpo
     assert (g.n, g.temperature, g.top_p, g.rollout_batch_size, g.mini_batch_size) == (10, 0.7, 0.99, 512, 128)
     assert (grpo.optim.lr, grpo.optim.weight_decay, grpo.optim.grad_clip) == (1e-6, 1e-2, 1.0)
@@ -110,6 +111,7 @@ def test_parameter_count_from_config_equals_the_built_model(tmp_path, size, expe
         assert (arch.layers, arch.hidden, arch.heads, arch.kv_heads, arch.vocab, arch.tied) == (28, 3584, 28, 4, 152064, False)
 
 
+@pytest.mark.slow
 def test_dry_run_plans_a_7b_grpo_run_without_weights(tmp_path):
     from rlcs_fast.synthetic import save_synthetic
 
@@ -195,6 +197,7 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
+@pytest.mark.slow
 def test_dry_run_reads_a_hub_set_through_http_and_names_the_key_it_cannot_reach(tmp_path):
     from rlcs_fast.synthetic import save_synthetic
 
@@ -212,3 +215,39 @@ def test_dry_run_reads_a_hub_set_through_http_and_names_the_key_it_cannot_reach(
     assert "columns ['images', 'problem', 'answer']" in out
     assert "ERROR config key `data.val` = 'someone/Unreachable-Set'" in out and "unreachable" in out
     assert "36 layers, hidden 2048, heads 16 (kv 2" in out and "embeddings tied" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hub", ["offline", "refused"])
+def test_dry_run_with_an_unreachable_hub_fails_fast_naming_the_keys(tmp_path, hub):
+    """HF_HUB_OFFLINE honoured; a hub that refuses connections costs one short probe, not the hub
+    library's retries with back-off (about 110 s for a model id and two sets before the fix)."""
+    import time
+
+    env = _env() | {"HF_HOME": str(tmp_path / "hf_home")}
+    if hub == "offline":
+        env |= {"HF_HUB_OFFLINE": "1"}
+    else:  # nothing listens on port 9 (discard) of the loopback: every connection is refused
+        env |= {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    cmd = [sys.executable, "-m", "rlcs_fast.train", "--cfg", str(CONFIGS / "grpo_3b.toml"), "--dry-run",
+           "--model.path", "Qwen/Qwen2.5-VL-3B-Instruct", "--data.train", "someone/Some-Set",
+           "--data.val", "someone/Other-Set"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - t0
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr
+    for key in ("model.path", "data.train", "data.val"):
+        assert f"config key `{key}`" in out and "unreachable" in out, (key, out)
+    assert elapsed < 25, f"the dry run took {elapsed:.0f} s to report an unreachable hub"
+
+
+def test_freeze_vision_freezes_the_vit_blocks_not_the_merger():
+    from rlcs_fast.model import load_model
+    from rlcs_fast.tiny import tiny_path
+
+    model, _ = load_model(str(tiny_path()), freeze_vision=True)
+    visual = dict(model.model.visual.named_parameters())
+    assert visual and all(p.requires_grad == name.startswith("merger.") for name, p in visual.items())
+    assert any(name.startswith("merger.") for name in visual) and any(name.startswith("blocks.") for name in visual)
+    assert all(p.requires_grad for p in model.model.language_model.parameters())

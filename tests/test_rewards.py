@@ -243,6 +243,7 @@ def test_payloads_never_reach_an_evaluating_parser(tmp_path, monkeypatch) -> Non
     )
 
 
+@pytest.mark.slow
 def test_payloads_through_the_worker_pool(scorer, tmp_path) -> None:
     marker = tmp_path / "pwned"
     batch = payloads(str(marker))
@@ -279,6 +280,7 @@ def test_sympy_allow_list() -> None:
 # ------------------------------------------------------------------ worker pool: bounded time, isolation
 
 
+@pytest.mark.slow
 def test_scorer_matches_in_process_scores_in_order(scorer) -> None:
     pairs = EQUIVALENT + DIFFERENT
     responses = [answer(g) if i % 3 else f"\\boxed{{{g}}}" for i, (g, _) in enumerate(pairs)]
@@ -287,6 +289,7 @@ def test_scorer_matches_in_process_scores_in_order(scorer) -> None:
     assert scorer.score([], []) == []
 
 
+@pytest.mark.slow
 def test_pathological_answers_are_bounded_in_time(scorer) -> None:
     nested_frac = "1"
     for _ in range(40):
@@ -317,6 +320,7 @@ def test_pathological_answers_are_bounded_in_time(scorer) -> None:
     )
 
 
+@pytest.mark.slow
 def test_plugin_failures_score_zero_and_are_counted(plugin_scorer) -> None:
     responses = ["a", "sleep", "b", "raise", "c", "nan", "not a dict", "crash", "d"]
     answers = ["a", "x", "b", "x", "x", "x", "x", "x", "d"]
@@ -352,6 +356,7 @@ def test_plugin_loading() -> None:
         RewardScorer("math:pi")  # stops the run before any worker starts
 
 
+@pytest.mark.slow
 def test_scorer_argument_errors_and_close() -> None:
     with pytest.raises(ValueError, match="timeout_s"):
         RewardScorer(timeout_s=0)

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # the trainer in subprocesses
+
 CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny.toml")
 SMALL = [
     "--log.progress", "false", "--data.synthetic_train_size", "96", "--data.synthetic_val_size", "8",

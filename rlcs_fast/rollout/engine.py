@@ -21,7 +21,10 @@ class SamplingParams:
     top_p: float = 1.0
     max_tokens: int = 512
     seed: int = 0
-    logprobs: bool = False  # return the sampled tokens' log-probs (log_softmax(logits / temperature))
+    # return the sampled tokens' raw log-probs, log_softmax(logits) of the model: before temperature,
+    # top-p and the ban, whose renormalisations the trainer does not apply (rollout/logprob_diff compares
+    # them with the trainer's log-probs at T = 1)
+    logprobs: bool = False
     # never sampled: a generated <|image_pad|> would not match any image in the training forward
     banned_token_ids: tuple[int, ...] = ()
 

@@ -5,7 +5,12 @@ What it enforces, as vLLM does (or as vLLM silently gets wrong, which is why it 
 - no `generate` while asleep;
 - a level-2 sleep frees the weights (here: overwritten with NaN, the way freed GPU memory holds garbage),
   so after it no `generate` until a *complete* push of the weights followed the wake;
-- no `load_weights` into sleeping weights.
+- no `load_weights` into sleeping weights;
+- no waking of the weights unless the trainer released its cached allocator blocks since the last
+  sleep (`trainer_utils.release_cached_memory`): vLLM maps its memory outside torch's cache, and a
+  trainer that keeps its training peak cached runs out of memory at the second wake on a GPU;
+- one live instance per process (vLLM's sleep mode allows one): a second one raises until the first
+  is `shutdown()`.
 It records every call (`calls`) and a SHA-256 checksum of every pushed tensor (`pushes`, one dict per
 `load_weights`), so a test can compare what reached the engine with the policy's weights.
 
@@ -19,6 +24,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from ..trainer_utils import allocator_releases
 from .engine import Completion, Request, SamplingParams
 from .hf_engine import HFEngine
 from .vllm_engine import SLEEP_TAGS, vllm_weight_name
@@ -33,8 +39,14 @@ def tensor_checksum(t: torch.Tensor) -> str:
 
 
 class FakeEngine:
+    _live: FakeEngine | None = None  # the process's engine that has not been shut down
+
     def __init__(self, model_path: str, *, device: torch.device | str = "cpu", batch_size: int = 64,
                  eos_token_id: int, pad_token_id: int, sleep_level: int = 2, **_engine_kwargs):
+        if FakeEngine._live is not None:
+            raise RuntimeError("a second sleep-mode engine in this process: vLLM allows one; reuse the live "
+                               "engine or shut it down first")
+        FakeEngine._live = self
         self.inner = HFEngine(model_path, device=torch.device(device), batch_size=batch_size,
                               eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         self.sleep_level = sleep_level
@@ -43,6 +55,7 @@ class FakeEngine:
         self._names = set(self.inner.model.state_dict())
         self._asleep: set[str] = set()
         self._weights_current = True
+        self._releases_at_sleep = allocator_releases()
         self.sleep()  # as VLLMEngine starts (load_format="dummy", asleep): the first push is mandatory
 
     @property
@@ -53,6 +66,7 @@ class FakeEngine:
         level = self.sleep_level if level is None else level
         self.calls.append(f"sleep({level})")
         self._asleep = set(SLEEP_TAGS)
+        self._releases_at_sleep = allocator_releases()
         if level >= 2:
             self._weights_current = False
             with torch.no_grad():
@@ -64,6 +78,10 @@ class FakeEngine:
         assert set(tags) <= set(SLEEP_TAGS), f"unknown sleep tags {tags}"
         if "kv_cache" in tags and "weights" in self._asleep and "weights" not in tags:
             raise RuntimeError("wake the weights before the KV cache")
+        released = allocator_releases() > self._releases_at_sleep
+        if "weights" in tags and "weights" in self._asleep and not released:
+            raise RuntimeError("wake_up without releasing the trainer's cached allocator blocks since the "
+                               "last sleep: call trainer_utils.release_cached_memory() before every wake")
         self.calls.append(f"wake_up({','.join(tags)})")
         self._asleep -= set(tags)
 
@@ -107,3 +125,8 @@ class FakeEngine:
         if "weights" in self._asleep:
             return 0.0
         return sum(p.numel() * p.element_size() for p in self.inner.model.parameters()) / 2**30
+
+    def shutdown(self) -> None:
+        self.calls.append("shutdown")
+        if FakeEngine._live is self:
+            FakeEngine._live = None

@@ -13,12 +13,15 @@ from .engine import Completion, Request, SamplingParams
 
 
 class HFEngine:
-    def __init__(self, model_path: str, *, device: torch.device, batch_size: int, eos_token_id: int,
-                 pad_token_id: int):
+    def __init__(self, model_path: str | Qwen2_5_VLForConditionalGeneration, *, device: torch.device,
+                 batch_size: int, eos_token_id: int, pad_token_id: int):
         self.device = torch.device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            model_path, dtype=dtype, attn_implementation="sdpa").to(self.device).eval()
+        if isinstance(model_path, str):
+            model_path = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                model_path, dtype=dtype, attn_implementation="sdpa")
+        # an already built model (the profiler's random-weight 3B/7B) is taken over as it is
+        self.model = model_path.to(self.device, dtype).eval()
         self.model.generation_config.cache_implementation = None
         self.batch_size = batch_size
         self.eos, self.pad = eos_token_id, pad_token_id
@@ -84,9 +87,8 @@ class HFEngine:
         new = gen.sequences[:, width:].cpu()
         logps = None
         if sampling.logprobs:
-            logits = torch.stack(gen.logits, dim=1).float().cpu()  # [B, T_new, V] raw logits
-            if not greedy:
-                logits = logits / sampling.temperature
+            # raw logits, before temperature, top-p and suppress_tokens: the rule of SamplingParams.logprobs
+            logits = torch.stack(gen.logits, dim=1).float().cpu()  # [B, T_new, V]
             logps = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
         out = []
         for i, r in enumerate(batch):

@@ -7,12 +7,16 @@ One GRPO step, as the loop drives it through the `RolloutEngine` protocol (`wake
 
     wake_up(["weights"])                        # only the weights' memory: the KV cache is still free
     collective_rpc("reload_weights", weights_iterator=stream)   # full bf16 tensors, one at a time
+    restore_input_norm                          # device-side pixel-norm buffers, if any (below)
     wake_up(["kv_cache"]); reset_prefix_cache() # cached prefixes hold KV computed with the old weights
+    reset_encoder_cache()                       # image embeddings computed with the old weights
     generate(...)
     sleep(level=2)                              # weights and KV cache freed (not copied to CPU)
     reset_encoder_cache(); empty_cache()        # the vision encoder cache survives sleep otherwise
 
-Facts this relies on (vLLM 0.32 sources; notes/systems.md §3):
+Facts this relies on (vLLM 0.32 sources; notes/systems.md §3). Oldest vLLM with every call used here:
+0.16 (`LLMEngine.reset_encoder_cache`, vllm#33452; `logprobs_mode`, 0.10.1); newer options are passed only
+where `EngineArgs` has them.
 - `reload_weights` without `weights_iterator` reloads the checkpoint *from disk* (trl#5312): rollouts
   would silently use the base model. The iterator is always passed; versions whose model runner lacks
   the argument get `model_runner.model.load_weights(iter)` instead.
@@ -23,12 +27,21 @@ Facts this relies on (vLLM 0.32 sources; notes/systems.md §3):
 - The multimodal encoder cache (`encoder_cache[mm_hash]`) lives outside the sleepable pools and is
   only evicted under capacity pressure: without a reset, GPU memory grows by one entry per image per
   step (EasyR1 PR #11002).
+- Since 0.32, Qwen2.5-VL normalises raw pixels on the device (`mm_device_do_normalize`, on by default)
+  with the `weight`/`bias` buffers of an input-norm module. The dummy loader randomises them and an HF
+  state dict has no such names, so a push never restores them: the model would see noise for every image
+  (log-probs off by 8-12 nats on the tiny model). Turned off here (the processor normalises on the host,
+  as the trainer's does), and checked after every load (`check_input_norm`).
+- After a weight push the scheduler's encoder cache still lists the images of earlier requests while the
+  worker's copy was dropped by the reload: the same image again raises `Encoder cache miss` (or, where
+  the worker kept it, reuses an embedding of the old weights). Reset after every push.
 - vLLM's Qwen2-VL processor expands each `<|image_pad|>` of a token prompt into the image's run itself
   (`PromptReplacement` of the single pad token): requests carry one pad per image, never the run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -109,6 +122,45 @@ def completion_from_output(prompt_ids: list[int], output: Any, want_logprobs: bo
     return Completion(prompt_ids, ids, logprobs, finish)
 
 
+def pixel_norm_constants(model_path: str) -> tuple[list[float], list[float]] | None:
+    """(weight, bias) per channel of the processor's pixel normalisation, `x * weight + bias` =
+    `(x * rescale_factor - mean) / std`, from the model directory (`preprocessor_config.json`, or the
+    `image_processor` of `processor_config.json` as transformers 5 writes it); None without one."""
+    cfg: dict[str, Any] = {}
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = Path(model_path) / name
+        if path.is_file():
+            cfg = json.loads(path.read_text())
+            cfg = cfg.get("image_processor", cfg)
+            if "image_mean" in cfg:
+                break
+    if "image_mean" not in cfg or "image_std" not in cfg:
+        return None
+    rescale = float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0
+    mean, std = cfg["image_mean"], cfg["image_std"]
+    if not cfg.get("do_normalize", True):
+        mean, std = [0.0] * len(mean), [1.0] * len(std)
+    return [rescale / s for s in std], [-m / s for m, s in zip(mean, std)]
+
+
+def restore_input_norm(model: torch.nn.Module, constants: tuple[list[float], list[float]] | None) -> int:
+    """Write the processor's normalisation into every device-side pixel-norm module (vLLM's
+    `FusedMMInputNorm`: persistent `weight`/`bias` buffers that no HF checkpoint holds, so a dummy load
+    leaves them random and a weight push never fixes them). Returns how many there were."""
+    found = 0
+    for module in model.modules():
+        if type(module).__name__ != "FusedMMInputNorm":
+            continue
+        if constants is None:
+            raise RuntimeError("the engine normalises pixels on the device but the model directory has no "
+                               "image_mean/image_std (preprocessor_config.json) to restore its buffers from")
+        for name, value in zip(("weight", "bias"), constants):
+            buf = getattr(module, name)
+            buf.copy_(torch.tensor(value, dtype=buf.dtype))
+        found += 1
+    return found
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -154,7 +206,6 @@ class VLLMEngine:
             raise ImportError("rollout.engine = \"vllm\" needs vLLM: pip install 'rlcs-fast[vllm]'") from e
         hf = json.loads((Path(model_path) / "config.json").read_text()) if Path(model_path).is_dir() else {}
         self.image_token_id: int | None = hf.get("image_token_id")
-        self.vocab_size = int(hf.get("text_config", hf).get("vocab_size") or hf.get("vocab_size") or 0)
         self.eos_token_id = eos_token_id
         self.tensor_parallel_size = tensor_parallel_size
         self.sleep_level = sleep_level
@@ -167,6 +218,16 @@ class VLLMEngine:
             kwargs["limit_mm_per_prompt"] = {"image": max_images_per_prompt, "video": 0}
             if self.mm_processor_kwargs:
                 kwargs["mm_processor_kwargs"] = dict(self.mm_processor_kwargs)
+        from vllm.engine.arg_utils import EngineArgs
+
+        known = {f.name for f in dataclasses.fields(EngineArgs)}
+        if "vision_config" in hf and "mm_device_do_normalize" in known:
+            # the processor normalises on the host, as the trainer's does: no device-side buffers that a
+            # dummy load randomises (restore_input_norm still guards every load)
+            kwargs["mm_device_do_normalize"] = False
+        if self.sleep_mode:
+            # the custom all-reduce registers IPC buffers that sleep mode does not manage (as EasyR1)
+            kwargs["disable_custom_all_reduce"] = True
         if dtype == "auto":
             dtype = "bfloat16" if on_gpu else "float32"
         _ensure_launcher_env()
@@ -177,11 +238,14 @@ class VLLMEngine:
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=True,
             enable_sleep_mode=self.sleep_mode,
-            # log-probs after temperature (what the trainer's log_softmax(logits / T) computes), not raw
-            logprobs_mode="processed_logprobs", **kwargs)
+            # the model's own log-probs, before temperature, top-p and the ban: "processed" ones are
+            # renormalised over the nucleus and the allowed tokens, which the trainer's are not
+            logprobs_mode="raw_logprobs", **kwargs)
         self._asleep: set[str] = set()
         self._weights_current = load_format != "dummy"  # dummy weights are random until the first push
         self._reload_takes_iterator = self._check_reload_api()
+        self._norm_constants = pixel_norm_constants(model_path) if "vision_config" in hf else None
+        self.input_norm_layers = self._restore_input_norm()  # the dummy load randomised them too
         if self.sleep_mode:  # the trainer owns the GPU until the first rollout
             self.sleep()
 
@@ -225,11 +289,11 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def _reset_encoder_cache(self) -> None:
-        engine = self.llm.llm_engine
-        if hasattr(engine, "reset_encoder_cache"):
-            engine.reset_encoder_cache()
-        else:
-            self.llm.collective_rpc("reset_encoder_cache")
+        self.llm.llm_engine.reset_encoder_cache()  # scheduler and workers (vLLM >= 0.16)
+
+    def _restore_input_norm(self) -> int:
+        constants = self._norm_constants
+        return sum(self.llm.apply_model(lambda model: restore_input_norm(model, constants)))
 
     def memory_gb(self) -> float:
         """GPU memory resident in vLLM's sleepable pools (weights, KV cache), in GiB; 0 without them."""
@@ -267,24 +331,26 @@ class VLLMEngine:
         if pushed[0] == 0:
             raise RuntimeError("load_weights got no tensors: the engine would keep stale or freed weights")
         self._weights_current = True
+        self._restore_input_norm()
         self._wake([t for t in ("kv_cache",) if t in self._asleep])
         self.reset_prefix_cache()
+        # embeddings of earlier images were computed with the old weights (and the reload dropped the
+        # worker's copies while the scheduler still lists them: `Encoder cache miss` on a repeat image)
+        self._reset_encoder_cache()
 
     # --- generation ----------------------------------------------------------------------------------
     def _sampling_params(self, sampling: SamplingParams, seed: int):
         from vllm import SamplingParams as VLLMSamplingParams
 
-        allowed = None
-        if sampling.banned_token_ids:
-            # a hard ban (logits masked to -inf) over the model's whole embedding, as HF's suppress_tokens
-            banned = set(sampling.banned_token_ids)
-            allowed = [t for t in range(self.vocab_size) if t not in banned]
+        # a hard ban, as HF's suppress_tokens: -inf added to a few logits (a vocabulary-sized
+        # allowed_token_ids list costs a 152k-entry mask per request and older releases reject it)
+        bias = {int(t): float("-inf") for t in sampling.banned_token_ids} or None
         greedy = sampling.temperature == 0
         return VLLMSamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p, top_k=0,
             max_tokens=sampling.max_tokens, seed=seed, logprobs=0 if sampling.logprobs else None,
             stop_token_ids=[self.eos_token_id] if self.eos_token_id is not None else None,
-            allowed_token_ids=allowed, detokenize=False)
+            logit_bias=bias, detokenize=False)
 
     def generate(self, requests: list[Request], sampling: SamplingParams) -> list[Completion]:
         if "weights" in self._asleep:

@@ -102,3 +102,27 @@ def test_entropy_stat_is_masked_token_mean():
     _, stats = fused_linear_grpo_loss(hidden, weight, targets, old, adv, mask, with_entropy=True, chunk_size=8)
     _, ent = fused_linear_logprob(hidden, weight, targets, with_entropy=True)
     torch.testing.assert_close(stats["entropy"], ent[mask].mean())
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_on_policy_old_none_equals_a_separate_old_forward(impl):
+    # The path run_grpo took before: a no-grad forward for the old log-probs, then the loss with them.
+    # old_logprobs=None takes them from the training forward itself: same loss, same gradients.
+    hidden, weight, targets, _, adv, mask, ref, seq_ids = _inputs(41, 40, 90, torch.float32, seed=3)
+    case = dict(agg="seq_mean_token_mean", kl_coef=0.1, clip_dual=3.0, seq_ids=seq_ids, chunk_size=16,
+                impl=impl, temperature=0.8)
+    with torch.no_grad():
+        old = fused_linear_logprob(hidden, weight, targets, temperature=0.8, impl=impl)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss1, stats1 = fused_linear_grpo_loss(h1, w1, targets, old, adv, mask, ref_logprobs=ref, **case)
+    loss1.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp_out = torch.full((41,), float("nan"))
+    loss2, stats2 = fused_linear_grpo_loss(h2, w2, targets, None, adv, mask, ref_logprobs=ref,
+                                           logprobs_out=lp_out, **case)
+    loss2.backward()
+    torch.testing.assert_close(loss2, loss1, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(lp_out, old, rtol=1e-6, atol=1e-6)
+    assert float(stats2["ratio_min"]) == float(stats2["ratio_max"]) == 1.0

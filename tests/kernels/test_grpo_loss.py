@@ -23,7 +23,7 @@ def _agg_loss(loss_mat, mask, mode):
     if mode == "seq-mean-token-mean":
         return (torch.sum(loss_mat * mask, dim=-1) / torch.sum(mask, dim=-1)).mean()
     if mode == "seq-mean-token-sum-norm":
-        return torch.sum(loss_mat * mask) / mask.shape[-1]
+        return torch.sum(loss_mat * mask) / (mask.shape[0] * mask.shape[-1])  # verl 0.9: batch x horizon
     raise ValueError(mode)
 
 
@@ -118,7 +118,7 @@ def test_packed_equals_batched(impl, agg):
     xp = lp.float().flatten().detach().requires_grad_()
     loss_p, stats_p = grpo_loss(
         xp, old.float().flatten(), adv.float().flatten(), mask.flatten(), ref_logprobs=ref.float().flatten(),
-        seq_ids=seq_ids, norm_len=9, **kw,
+        seq_ids=seq_ids, norm_len=4 * 9, **kw,
     )
     loss_p.backward()
     torch.testing.assert_close(loss_p, loss)
@@ -162,3 +162,42 @@ def test_bad_options_raise():
         grpo_loss(lp.float(), old.float(), adv.float(), mask, agg="seq-mean")
     with pytest.raises(ValueError, match="seq_ids"):
         grpo_loss(lp.float().flatten(), old.float().flatten(), adv.float().flatten(), mask.flatten(), agg="seq_mean_token_mean")
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_seq_mean_token_sum_norm_default_does_not_grow_with_the_batch(impl):
+    # Dr. GRPO / TRL "dr_grpo" / verl 0.9: token sum / (B * T). Repeating the batch keeps the loss (dividing
+    # by T alone doubled it), and an explicit norm_len of B * T gives the same number.
+    lp, old, adv, mask, _ = _batch(4, 9, seed=3)
+    one, _ = grpo_loss(lp.float(), old.float(), adv.float(), mask, agg="seq_mean_token_sum_norm", impl=impl)
+    two, _ = grpo_loss(*(t.float().repeat(2, 1) for t in (lp, old, adv)), mask.repeat(2, 1),
+                       agg="seq_mean_token_sum_norm", impl=impl)
+    given, _ = grpo_loss(lp.float(), old.float(), adv.float(), mask, agg="seq_mean_token_sum_norm",
+                         norm_len=4 * 9, impl=impl)
+    torch.testing.assert_close(two, one)
+    torch.testing.assert_close(given, one)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
+def test_on_policy_old_none_is_the_detached_current_logprobs(impl, agg):
+    # old_logprobs=None (one update per rollout batch) must equal passing the current log-probs as the
+    # old ones, against verl's formulas in float64: ratio 1, no clipping, gradient -A · w.
+    g = torch.Generator().manual_seed(7)
+    b, t = 3, 37
+    lp64 = -torch.rand(b, t, generator=g, dtype=torch.float64) * 3
+    adv = torch.randn(b, 1, generator=g).expand(b, t).contiguous()
+    mask = torch.rand(b, t, generator=g) > 0.2
+    ref = lp64.float() + 0.1 * torch.randn(b, t, generator=g)
+    lp = lp64.float().requires_grad_()
+    loss, stats = grpo_loss(lp, None, adv, mask, ref_logprobs=ref, kl_coef=0.05, clip_dual=3.0, agg=agg,
+                            impl=impl)
+    loss.backward()
+    lp_ref = lp64.clone().requires_grad_()
+    mode = agg.replace("_", "-")
+    loss_ref, _, _, _ = _verl(lp64, lp_ref, adv.double(), mask.double(), 0.2, 0.2, 3.0, ref.double(), 0.05,
+                              "low_var_kl", mode)
+    loss_ref.backward()
+    torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lp.grad.double(), lp_ref.grad, rtol=1e-5, atol=1e-7)
+    assert float(stats["ratio_min"]) == float(stats["ratio_max"]) == 1.0 and float(stats["clip_frac"]) == 0.0

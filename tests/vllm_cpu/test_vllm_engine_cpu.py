@@ -3,7 +3,7 @@
 Runs in its own venv (`.ci/vllm_cpu.sh`); skipped wherever vLLM is not importable. What it proves on
 the real engine: weights pushed through `load_weights` replace the engine's (dummy) weights exactly —
 greedy outputs equal transformers' for the same weights, and change when the weights change, with the
-prefix cache reset in between; sampled log-probs equal the trainer-side log_softmax(logits / T); the
+prefix cache reset in between; sampled log-probs equal the raw log_softmax(logits) (before temperature); the
 per-request seed makes sampling reproducible; banned ids are never sampled; the stop token ends a
 response and is kept; the sleep/wake state machine refuses to generate on freed or stale weights.
 """
@@ -130,7 +130,8 @@ def test_sampled_logprobs_seed_and_banned_tokens(setup):
     assert len(got) == len(requests) * 3  # grouped: request i's samples at [3i, 3i+3)
     for j, c in enumerate(got):
         assert c.prompt_ids == requests[j // 3].prompt_ids.tolist()
-        want = hf_logprobs(model, requests[j // 3].prompt_ids, c.response_ids, 0.7)
+        # raw log-probs (T = 1) although sampled at 0.7: the engines' rule (SamplingParams.logprobs)
+        want = hf_logprobs(model, requests[j // 3].prompt_ids, c.response_ids, 1.0)
         torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), want, atol=2e-4, rtol=0)
     assert len({tuple(c.response_ids) for c in got[:3]}) > 1  # n samples, not one repeated
     again = engine.generate(requests, sampling)

@@ -1,0 +1,298 @@
+"""Time each phase of one GRPO step of Qwen2.5-VL-3B/7B (random weights) with the transformers engine.
+
+    python -m rlcs_fast.profile_grpo --model 3b|7b|tiny [--layers K] [--prompts 8] [--n 4] [--out FILE]
+
+The phases are the trainer's own functions in ``run_grpo``'s order: weight sync into the engine
+(``load_weights`` of bf16 copies), rollout (``HFEngine.generate`` of ``--n`` responses to each of
+``--prompts`` image prompts, ``--response-len`` new tokens at most), rewards (random 0/1 per response:
+the scorer runs on the CPU and is not what a GPU run measures) and group advantages, then the policy
+update (``grpo.update``) on-policy: one update per rollout batch, the old log-probs taken from the
+training forward (``old_logprobs=None``). The no-grad forward that an off-policy step would add
+(``grpo.compute_logprobs``) is timed separately as ``old_logprobs_forward``: the time on-policy saves.
+Each phase sits between device synchronisations, with the peak of ``torch.cuda.max_memory_allocated``
+within it. The first step warms up (Triton autotuning, allocator) and is not reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .profile import REPO, _build, environment, released_config, sync
+
+
+@dataclass
+class _Prompt:
+    """A prompt as ``data.Encoder.prompt`` makes it: ids with one expanded image, mrope positions."""
+
+    prompt_ids: torch.Tensor  # [T]
+    position_ids: torch.Tensor  # [3, T]
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    images: list = field(default_factory=list)
+    answer: str = ""
+
+
+@dataclass
+class _StepContext:
+    """What ``grpo.update`` and ``grpo.compute_logprobs`` read of the trainer's ``StageContext``."""
+
+    cfg: Any
+    policy: Any
+    model_config: Any
+    device: torch.device
+    kernels_impl: str
+    world: int = 1
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def image_prompts(config, *, prompts: int, prompt_len: int, image_tokens: int, seed: int) -> list[_Prompt]:
+    """Random text around one image of ``image_tokens`` merged tokens per prompt, mrope positions included."""
+    from .packing import mrope_positions
+
+    g = torch.Generator().manual_seed(seed)
+    vc = config.vision_config
+    merge = vc.spatial_merge_size
+    rows = max(1, int(image_tokens**0.5))
+    cols = max(1, image_tokens // rows)
+    grid = torch.tensor([[1, rows * merge, cols * merge]])
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    specials = [
+        config.image_token_id,
+        config.video_token_id,
+        config.vision_start_token_id,
+        config.vision_end_token_id,
+        config.text_config.bos_token_id,
+        config.text_config.eos_token_id,
+    ]
+    text_hi = min([config.text_config.vocab_size, 150000] + [t for t in specials if t is not None])
+    out = []
+    for _ in range(prompts):
+        text = torch.randint(0, text_hi, (max(2, prompt_len),), generator=g)
+        ids = torch.cat(
+            [
+                text[:1],
+                torch.tensor([config.vision_start_token_id]),
+                torch.full((rows * cols,), config.image_token_id),
+                torch.tensor([config.vision_end_token_id]),
+                text[1:],
+            ]
+        )
+        pixels = torch.randn(rows * cols * merge**2, patch_dim, generator=g)
+        out.append(_Prompt(ids, mrope_positions(config, ids, grid), pixels, grid.clone()))
+    return out
+
+
+def _phase(times: dict, peaks: dict, name: str, device: torch.device):
+    """Context manager: wall time and peak device memory of one phase, between synchronisations."""
+
+    @contextlib.contextmanager
+    def run():
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        yield
+        sync(device)
+        times[name] = time.perf_counter() - t0
+        if device.type == "cuda":
+            peaks[name] = torch.cuda.max_memory_allocated(device) / 2**30
+
+    return run()
+
+
+def profile_grpo(
+    config,
+    device: torch.device,
+    *,
+    cfg,
+    prompts: int,
+    n: int,
+    prompt_len: int,
+    image_tokens: int,
+    response_len: int,
+    kernels_impl: str,
+    grad_ckpt: bool,
+    steps: int = 2,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Phase times (s) and peak memory (GiB) of the last of ``steps`` GRPO steps (the first warms up)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from .grpo import build_rollouts, compute_logprobs, group_advantages, update
+    from .rollout.engine import SamplingParams
+    from .rollout.hf_engine import HFEngine
+    from .trainer_utils import build_optimizer, iter_full_weights
+
+    policy, _, backend = _build(config, device, grad_ckpt=grad_ckpt, seed=seed)
+    opt, sched = build_optimizer(
+        policy,
+        lr=1e-6,
+        weight_decay=0.0,
+        betas=[0.9, 0.999],
+        eps=1e-8,
+        warmup_ratio=0.0,
+        schedule="constant",
+        min_lr_ratio=0.0,
+        total_steps=steps,
+    )
+    with torch.device(
+        device
+    ):  # the engine's own copy (random): the policy's weights arrive in the sync phase
+        engine_model = Qwen2_5_VLForConditionalGeneration(config)
+    eos = config.text_config.eos_token_id
+    engine = HFEngine(engine_model, device=device, batch_size=prompts * n, eos_token_id=eos, pad_token_id=eos)
+    ctx = _StepContext(cfg, policy, config, device, kernels_impl)
+    g = cfg.grpo
+    requests = image_prompts(
+        config, prompts=prompts, prompt_len=prompt_len, image_tokens=image_tokens, seed=seed
+    )
+    rng = torch.Generator().manual_seed(seed)
+    wdtype = torch.bfloat16 if device.type == "cuda" else None
+    for step in range(steps):
+        times: dict[str, float] = {}
+        peaks: dict[str, float] = {}
+        with _phase(times, peaks, "sync", device):
+            engine.wake_up()
+            engine.load_weights(iter_full_weights(policy.model, wdtype))
+        with _phase(times, peaks, "rollout", device):
+            sampling = SamplingParams(
+                n=n,
+                temperature=1.0,
+                max_tokens=response_len,
+                seed=seed + step,
+                logprobs=True,
+                banned_token_ids=(config.image_token_id,),
+            )
+            completions = engine.generate(requests, sampling)
+            engine.sleep()
+        with _phase(times, peaks, "reward", device):
+            rewards = torch.randint(0, 2, (len(completions),), generator=rng).float()
+            advantages = group_advantages(rewards, n)
+            rollouts = build_rollouts(
+                requests, completions, [{"overall": float(r)} for r in rewards], advantages, n
+            )
+        with _phase(times, peaks, "old_logprobs_forward", device):  # what the on-policy update no longer runs
+            compute_logprobs(
+                policy, rollouts, ctx=ctx, max_tokens=g.max_tokens_per_microbatch, temperature=g.temperature
+            )
+        with _phase(times, peaks, "train", device):
+            stats = update(ctx, rollouts, opt, sched, g, with_ref=False, on_policy=True)
+    generated = sum(len(c.response_ids) for c in completions)
+    trained = sum(r.sample.input_ids.numel() for r in rollouts)
+    step_s = sum(t for k, t in times.items() if k != "old_logprobs_forward")
+    return {
+        "time_s": times,
+        "peak_memory_gib": peaks or None,
+        "step_s_on_policy": step_s,
+        "saved_by_on_policy_s": times["old_logprobs_forward"],
+        "saved_fraction": times["old_logprobs_forward"] / (step_s + times["old_logprobs_forward"]),
+        "prompts": prompts,
+        "n": n,
+        "prompt_len": int(requests[0].prompt_ids.numel()),
+        "max_response_len": response_len,
+        "generated_tokens": generated,
+        "generate_tokens_per_s": generated / times["rollout"],
+        "trained_tokens": trained,
+        "train_tokens_per_s": trained / times["train"],
+        "decoder_layers": config.text_config.num_hidden_layers,
+        "attention": backend,
+        "train_stats": stats,
+    }
+
+
+def grpo_config(model: str, overrides: dict[str, Any]):
+    from .config import load_config
+
+    path = REPO / "configs" / ("tiny.toml" if model == "tiny" else f"grpo_{model}.toml")
+    return load_config(path, {"run.stages": ["grpo"], **overrides})
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rlcs_fast.profile_grpo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, choices=["tiny", "3b", "7b"])
+    p.add_argument("--layers", type=int, default=None, help="decoder layers to build (default: all)")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--n", type=int, default=4, help="responses per prompt")
+    p.add_argument("--prompt-len", type=int, default=64, help="text tokens per prompt (plus the image)")
+    p.add_argument("--image-tokens", type=int, default=64, help="merged image tokens per prompt")
+    p.add_argument("--response-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=2, help="steps run; the last is reported")
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
+    p.add_argument(
+        "--grad-ckpt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="activation checkpointing (default: on for 3b/7b)",
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    config = released_config(args.model, layers=args.layers)
+    budget = (args.prompt_len + args.image_tokens + 2 + args.response_len) * max(1, args.n)
+    cfg = grpo_config(
+        args.model,
+        {
+            "grpo.max_tokens_per_microbatch": max(budget, 1024),
+            "grpo.max_prompt_length": args.prompt_len + args.image_tokens + 2,
+            "grpo.max_response_length": args.response_len,
+            "grpo.kl_coef": 0.0,
+        },
+    )
+    grad_ckpt = args.model != "tiny" if args.grad_ckpt is None else args.grad_ckpt
+    result = profile_grpo(
+        config,
+        device,
+        cfg=cfg,
+        prompts=args.prompts,
+        n=args.n,
+        prompt_len=args.prompt_len,
+        image_tokens=args.image_tokens,
+        response_len=args.response_len,
+        kernels_impl=args.kernels,
+        grad_ckpt=grad_ckpt,
+        steps=args.steps,
+        seed=args.seed,
+    )
+    report = {
+        "kind": "profile_grpo",
+        "model": args.model,
+        "environment": environment(device),
+        "layers_built": config.text_config.num_hidden_layers,
+        "grpo": result,
+    }
+    t = result["time_s"]
+    print(
+        f"{report['environment']['device']}: GRPO step of Qwen2.5-VL-{args.model} "
+        f"({report['layers_built']} layers), "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in t.items())
+        + f"; on-policy saves {result['saved_by_on_policy_s']:.2f} s ({result['saved_fraction']:.0%})"
+    )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
