@@ -159,6 +159,7 @@ def test_image_modes_become_upright_rgb():
     assert 60 < wide.mean() < 200  # scaled from 16 bits, not clipped to white
 
 
+@pytest.mark.slow  # the tiny processor's build and 200 rows: ~20 s on 2 cores
 @pytest.mark.parametrize("kind", ["sft", "rl"])
 def test_every_fuzz_row_trains_or_is_skipped_under_its_kind(encoder, kind):
     rows = [(r, o.split("|")[0 if kind == "sft" else 1] if "|" in o else o) for r, o in fuzz_rows(200)]
