@@ -1,5 +1,6 @@
-"""A stage's checkpoints: resume from the newest complete one, save (and decide when), export the final
-model. The file format and atomic writes are :mod:`rlcs_fast.checkpoint`'s.
+"""A stage's checkpoints: resume from the newest complete, intact one, save (and decide when: every
+``checkpoint.every`` steps, at the last, and after the step a preemption signal arrived in), export the
+final model. The file format, manifests and atomic writes are :mod:`rlcs_fast.checkpoint`'s.
 
 On disk, per stage: ``<run.dir>/<stage>/checkpoints/step_N`` (resumable), ``<run.dir>/<stage>/hf`` (the
 exported Hugging Face directory the next stage starts from) and ``<run.dir>/<stage>/DONE``.
@@ -13,17 +14,18 @@ from pathlib import Path
 
 from . import checkpoint, dist
 from .data import SkipCounter
+from .faults import BadStepGuard, Preempted
 from .model import export_hf
 
 log = logging.getLogger("rlcs_fast")
 
 
 class Checkpointer:
-    """Everything a resumed stage needs back: the policy, the optimizer, the schedule and the skipped
-    rows (summed on rank 0 when the world size changed)."""
+    """Everything a resumed stage needs back: the policy, the optimizer, the schedule, the skipped rows
+    (summed on rank 0 when the world size changed) and the count of skipped non-finite steps."""
 
-    def __init__(self, ctx, opt, sched, skips: SkipCounter):
-        self.ctx, self.opt, self.sched, self.skips = ctx, opt, sched, skips
+    def __init__(self, ctx, opt, sched, skips: SkipCounter, guard: BadStepGuard):
+        self.ctx, self.opt, self.sched, self.skips, self.guard = ctx, opt, sched, skips, guard
         self.every, self.keep = ctx.cfg.checkpoint.every, ctx.cfg.checkpoint.keep
         self.root = ctx.dir / "checkpoints"
 
@@ -37,9 +39,10 @@ class Checkpointer:
         if resume == "never":
             path = None
         elif resume == "auto":
-            path = checkpoint.latest_checkpoint(self.root)
+            path = checkpoint.latest_intact_checkpoint(self.root)
         else:
             path = Path(resume)
+            checkpoint.check_intact(path)
         if path is None:
             ctx.metrics.truncate_after(ctx.stage, 0)
             return 0
@@ -50,6 +53,7 @@ class Checkpointer:
         elif ctx.rank == 0:  # another world size: all saved ranks' skipped rows on rank 0, the sum is kept
             for saved in checkpoint.saved_extras(path):
                 self.skips.load_state(saved.get("skips", {}))
+        self.guard.load_state(extra.get("stage_state", {}).get("bad_steps", {}))
         step = int(extra["step"])
         ctx.metrics.truncate_after(ctx.stage, step)
         log.info("%s: resumed from %s (step %d)", ctx.stage, path, step)
@@ -59,11 +63,21 @@ class Checkpointer:
         return last_step or bool(self.every and step % self.every == 0)
 
     def save(self, step: int, *, last_step: bool = False) -> Path | None:
-        """Write a checkpoint after `step` when it is due (every `checkpoint.every` steps and at the last);
-        returns its path, or None when none was due."""
-        if not self.should_save(step, last_step):
-            return None
-        extra = {"step": step, "scheduler": self.sched.state_dict(), "skips": self.skips.state()}
+        """After `step`'s update, validation and metrics: write a checkpoint when one is due; returns its path,
+        or None. Then the preemption check (collective, every step): preempted, the step's checkpoint is
+        written (once) and `Preempted` raised on every rank."""
+        path = self._write(step) if self.should_save(step, last_step) else None
+        preemption = self.ctx.preemption
+        if preemption is not None and preemption.requested():
+            path = path or self._write(step)
+            log.warning("%s: preemption signal received, stopping after step %d with checkpoint %s",
+                        self.ctx.stage, step, path)
+            raise Preempted(self.ctx.stage, step, path)
+        return path
+
+    def _write(self, step: int) -> Path:
+        extra = {"step": step, "scheduler": self.sched.state_dict(), "skips": self.skips.state(),
+                 "stage_state": {"bad_steps": self.guard.state()}}
         return checkpoint.save(self.root, step, self.ctx.policy, self.opt, extra, keep=self.keep)
 
     def export(self) -> Path:

@@ -27,6 +27,9 @@ class RunConfig:
     stages: list[str] = field(default_factory=lambda: ["sft", "grpo"])
     seed: int = 0
     resume: str = "auto"  # "auto": newest complete checkpoint in run.dir; "never": start fresh
+    # longest wait in one collective before the job fails: above the slowest legitimate gap between two
+    # collectives (a checkpoint or HF export on rank 0, vLLM start-up), so only a stuck rank trips it
+    collective_timeout_s: int = 1800
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -75,6 +78,8 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+    # non-finite (NaN/inf) steps are skipped; this many in a row stop the run (README, "Faults")
+    max_bad_steps: int = 3
 
 
 @dataclass(frozen=True)
@@ -314,6 +319,8 @@ def validate(cfg: Config) -> None:
         "data.max_length": cfg.data.max_length,
         "rollout.batch_size": cfg.rollout.batch_size,
         "checkpoint.keep": cfg.checkpoint.keep,
+        "optim.max_bad_steps": cfg.optim.max_bad_steps,
+        "run.collective_timeout_s": cfg.run.collective_timeout_s,
     }
     for key, v in positive.items():
         if v <= 0:

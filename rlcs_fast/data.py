@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .config import ConfigError
 from .packing import Sample, mrope_positions
@@ -62,6 +63,17 @@ class SkipCounter:
     @property
     def total(self) -> int:
         return sum(len(keys) for keys in self.rows.values())
+
+    def metrics(self) -> dict[str, float]:
+        """`data/skipped` and `data/skipped/<kind>` summed over ranks (collective: every rank calls it)."""
+        from . import dist
+
+        by_kind: dict[str, int] = {}
+        for counts in dist.all_gather_object(self.counts):
+            for kind, n in counts.items():
+                by_kind[kind] = by_kind.get(kind, 0) + n
+        return {"data/skipped": float(sum(by_kind.values())),
+                **{f"data/skipped/{kind}": float(n) for kind, n in sorted(by_kind.items())}}
 
 
 @dataclass(frozen=True)
@@ -144,27 +156,53 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, fact
     return _smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
-def open_image(obj: Any) -> Image.Image:
-    """A PIL image from what a data set row holds: PIL, {"bytes", "path"}, bytes or a path."""
+# A row's image is refused above this many pixels before its pixels are decoded: Pillow's own bomb limit
+# (about 89 MP, 256 MiB of RGB), which Pillow itself only enforces at twice the value. The header alone
+# tells the size, so a 1 KB PNG claiming 100k x 100k pixels costs nothing.
+MAX_DECODE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+ORIENTATION = 0x0112  # the EXIF tag
+
+
+def _open(obj: Any) -> Image.Image:
+    """Open lazily (header only) what a data set row holds: PIL, {"bytes", "path"}, bytes or a path."""
     if isinstance(obj, Image.Image):
-        img = obj
-    elif isinstance(obj, dict):
+        return obj
+    if isinstance(obj, dict):
         if obj.get("bytes"):
-            img = Image.open(io.BytesIO(obj["bytes"]))
-        elif obj.get("path"):
-            img = Image.open(obj["path"])
-        else:
-            raise ValueError("image entry has neither bytes nor path")
-    elif isinstance(obj, (bytes, bytearray)):
-        img = Image.open(io.BytesIO(obj))
-    elif isinstance(obj, str):
-        img = Image.open(obj)
-    else:
-        raise ValueError(f"unsupported image value of type {type(obj).__name__}")
+            return Image.open(io.BytesIO(obj["bytes"]))
+        if obj.get("path"):
+            return Image.open(obj["path"])
+        raise ValueError("image entry has neither bytes nor path")
+    if isinstance(obj, (bytes, bytearray)):
+        return Image.open(io.BytesIO(obj))
+    if isinstance(obj, str):
+        return Image.open(obj)
+    raise ValueError(f"unsupported image value of type {type(obj).__name__}")
+
+
+def open_image(obj: Any) -> Image.Image:
+    """An RGB image from a row's value: the first frame of an animation, turned upright by its EXIF
+    orientation (as the camera meant it), alpha composited on white (as qwen-vl-utils does), 16-bit
+    scaled to 8-bit (a plain conversion would clip it to white). Refuses an image above
+    `MAX_DECODE_PIXELS` before decoding it (`SkipSample("image_too_large")`)."""
+    try:
+        img = _open(obj)
+    except Image.DecompressionBombError as e:
+        raise SkipSample("image_too_large", str(e)) from e
+    if img.width * img.height > MAX_DECODE_PIXELS:
+        raise SkipSample("image_too_large", f"{img.width}x{img.height} pixels > {MAX_DECODE_PIXELS}")
     img.load()
-    if img.mode == "RGBA":  # composite on white as qwen-vl-utils does
+    try:
+        if img.getexif().get(ORIENTATION, 1) != 1:
+            img = ImageOps.exif_transpose(img)
+    except Exception:  # a malformed EXIF block: keep the pixels as stored
+        pass
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        img = Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
         bg = Image.new("RGB", img.size, (255, 255, 255))
-        bg.paste(img, mask=img.split()[3])
+        bg.paste(rgba, mask=rgba.split()[3])
         return bg
     return img.convert("RGB")
 
@@ -192,10 +230,23 @@ class Prompt:
     index: int = -1  # row index in its table
 
 
+def _text(value: Any, column: str) -> Any:
+    """A text cell as str. Bytes must be UTF-8 and a str must encode back to it (lone surrogates from a
+    lenient decoder make the tokenizer raise): otherwise the row is skipped as `bad_text`."""
+    try:
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value).decode("utf-8")
+        if isinstance(value, str):
+            value.encode("utf-8")
+    except UnicodeError as e:
+        raise SkipSample("bad_text", f"column {column!r} is not valid UTF-8 ({e.reason})") from e
+    return value
+
+
 def row_fields(row: dict[str, Any], columns: Columns, *, need_answer: bool = True) -> tuple[list[Any], str, str]:
     images = row.get(columns.images)
-    problem = row.get(columns.problem)
-    answer = row.get(columns.answer)
+    problem = _text(row.get(columns.problem), columns.problem)
+    answer = _text(row.get(columns.answer), columns.answer)
     if images is None:
         images = []
     elif not isinstance(images, list):
@@ -250,8 +301,10 @@ class Encoder:
     def _images(self, raw: list[Any]) -> list[Image.Image]:
         try:
             return [prepare_image(x, self.min_pixels, self.max_pixels) for x in raw]
-        except Exception as e:  # PIL raises many types for corrupt or truncated files
-            raise SkipSample("unreadable_image", f"{type(e).__name__}: {e}") from e
+        except SkipSample:
+            raise
+        except Exception as e:  # PIL raises many types for corrupt or truncated files, smart_resize for
+            raise SkipSample("unreadable_image", f"{type(e).__name__}: {e}") from e  # extreme aspect ratios
 
     def _prompt_inputs(self, problem: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         messages = build_messages(problem, len(images), template=self.template, system_prompt=self.system_prompt)

@@ -42,8 +42,11 @@ def check_collective(t: torch.Tensor, what: str) -> None:
                            f"group ({backend!r}) has no backend for {t.device.type} tensors")
 
 
-def init(device: str) -> tuple[int, int, torch.device]:
-    """Start the process group when launched by torchrun; returns (rank, world_size, device)."""
+def init(device: str, timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
+    """Start the process group when launched by torchrun; returns (rank, world_size, device).
+
+    `timeout_s` (`run.collective_timeout_s`) bounds how long a rank waits in one collective before the
+    job fails; see the README's Faults section for how it was chosen."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -56,7 +59,7 @@ def init(device: str) -> tuple[int, int, torch.device]:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(group_backend(use_cuda), timeout=timedelta(minutes=30),
+        dist.init_process_group(group_backend(use_cuda), timeout=timedelta(seconds=timeout_s),
                                 device_id=dev if use_cuda else None)
     return rank, world, dev
 
@@ -94,6 +97,15 @@ def reduce_sums(values: dict[str, float], op: str = "sum") -> dict[str, float]:
     names = list(values)
     reduced = all_reduce(torch.tensor([float(values[k]) for k in names], dtype=torch.float64), op)
     return dict(zip(names, reduced.tolist()))
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, by rank (small Python objects: checkpoint manifests, skip counts)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj, src: int = 0):

@@ -22,6 +22,7 @@ from . import dist
 from .advantages import dynamic_sampling_mask, group_advantages, overlong_penalty
 from .checkpointer import Checkpointer
 from .data import SkipCounter
+from .faults import BadStepGuard, all_finite
 from .kernels import fused_linear_grpo_loss, fused_linear_logprob
 from .packing import Sample, extend_positions, pack
 from .rollout.engine import Completion, SamplingParams
@@ -141,7 +142,8 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, *, with_ref: 
     """One optimizer step on a mini-batch of rollouts: clipped GRPO loss (+ KL) normalised over the whole
     mini-batch on all ranks, whatever the micro-batch split. ``on_policy``: the rollouts were sampled from
     these very weights, so the old log-probs are the training forward's own (detached, ratio 1; filled
-    into ``old_logprobs`` afterwards) and no separate old-policy forward runs."""
+    into ``old_logprobs`` afterwards) and no separate old-policy forward runs. ``finite`` in the result:
+    False when the loss or gradient norm was NaN/inf on some rank, and the step was not applied."""
     grpo = ctx.cfg.grpo
     totals = dist.reduce_sums({"tokens": sum(r.response_len for r in rollouts), "seqs": len(rollouts)})
     filler = dummy_image_sample(ctx.model_config)
@@ -190,12 +192,14 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, *, with_ref: 
                 sums[name] += float(stats[name]) * n_tok  # token-weighted: divided by all tokens below
     grad_norm = clip_grad_norm(ctx.policy, ctx.cfg.optim.grad_clip)
     lr = sched.get_last_lr()[0]
-    opt.step()
-    sched.step()
+    finite = all_finite(sums["loss"], grad_norm)  # agreed by all ranks; a non-finite update changes nothing
+    if finite:
+        opt.step()
+        sched.step()
     opt.zero_grad(set_to_none=True)
     sums = dist.reduce_sums(sums)
     return {"train/loss": sums.pop("loss"), **{f"actor/{name}": v / totals["tokens"] for name, v in sums.items()},
-            "train/grad_norm": grad_norm, "train/lr": lr}
+            "train/grad_norm": grad_norm, "train/lr": lr, "finite": finite}
 
 
 # --- the phases of one step -------------------------------------------------------------------------------
@@ -220,6 +224,7 @@ class Scored:
     scores: list[dict[str, float]]  # per completion: accuracy, format, overall
     lengths: torch.Tensor  # [B * n] response lengths
     rollouts: list[Rollout]  # the completions of the groups kept by dynamic sampling
+    finite: bool  # rewards and advantages finite on every rank; if not, `rollouts` is empty
 
 
 def generate(ctx: StageContext, prompts: list, step: int, timer: Timer) -> Generated:
@@ -242,8 +247,10 @@ def generate(ctx: StageContext, prompts: list, step: int, timer: Timer) -> Gener
     return out
 
 
-def score(ctx: StageContext, prompts: list, completions: list[Completion]) -> Scored:
-    """Rewards (+ DAPO's overlong penalty) → group advantages → the groups worth training on."""
+def score(ctx: StageContext, prompts: list, completions: list[Completion], guard: BadStepGuard, step: int) -> Scored:
+    """Rewards (+ DAPO's overlong penalty) → group advantages → the groups worth training on. A reward
+    function returning NaN/inf (or an overflowing penalty) would poison every update of the step: such a
+    step keeps no group (the guard counts it)."""
     grpo = ctx.cfg.grpo
     responses = ctx.processor.tokenizer.batch_decode([c.response_ids for c in completions],
                                                      skip_special_tokens=True)
@@ -258,10 +265,11 @@ def score(ctx: StageContext, prompts: list, completions: list[Completion]) -> Sc
     keep = torch.ones(len(prompts), dtype=torch.bool)
     if grpo.dynamic_sampling and len(prompts):
         keep = dynamic_sampling_mask(rewards, grpo.n)
-    kept = [j for j in range(len(completions)) if keep[j // grpo.n]]
+    finite = guard.check(step, "rewards or advantages", rewards, advantages)  # agreed by all ranks
+    kept = [j for j in range(len(completions)) if keep[j // grpo.n] and finite]
     rollouts = build_rollouts([prompts[j // grpo.n] for j in kept[::grpo.n]], [completions[j] for j in kept],
                               advantages[kept], grpo.n)
-    return Scored(scores, lengths, rollouts)
+    return Scored(scores, lengths, rollouts, finite)
 
 
 def fill_logprobs(ctx: StageContext, rollouts: list[Rollout], ref_policy, plan: StepPlan, timer: Timer) -> None:
@@ -282,23 +290,31 @@ def fill_logprobs(ctx: StageContext, rollouts: list[Rollout], ref_policy, plan: 
                 r.ref_logprobs = logprobs
 
 
-def train(ctx: StageContext, rollouts: list[Rollout], opt, sched, plan: StepPlan, timer: Timer) -> dict[str, float]:
+def train(ctx: StageContext, scored: Scored, opt, sched, plan: StepPlan, guard: BadStepGuard, step: int,
+          timer: Timer) -> dict[str, float]:
     """``grpo.epochs`` passes over the rollouts in ``rollout_batch_size / mini_batch_size`` mini-batches,
-    one optimizer step each; returns the last update's statistics."""
+    one optimizer step each; returns the last update's statistics. A non-finite update ends the step: the
+    updates still to come would start from it (the same decision on every rank: collectives stay in step)."""
     grpo = ctx.cfg.grpo
+    rollouts = scored.rollouts
     n_mini = grpo.rollout_batch_size // grpo.mini_batch_size  # the same on every rank: collectives line up
     stats: dict[str, float] = {}
     with timer("time/train"):
+        if not scored.finite:
+            return stats
         for _ in range(grpo.epochs):
             for m in range(n_mini):
                 part = rollouts[m * len(rollouts) // n_mini:(m + 1) * len(rollouts) // n_mini]
                 stats = update(ctx, part, opt, sched, with_ref=plan.with_ref, on_policy=plan.on_policy,
                                with_raw=plan.with_raw)
+                if not stats.pop("finite"):
+                    guard.bad(step, "loss or gradient norm")
+                    return stats
+        guard.good()
     return stats
 
 
-def rollout_metrics(ctx: StageContext, generated: Generated, scored: Scored, skips: SkipCounter,
-                    n_prompts: int) -> dict[str, float]:
+def rollout_metrics(ctx: StageContext, generated: Generated, scored: Scored, n_prompts: int) -> dict[str, float]:
     """Global means over all ranks of the step's rewards, lengths and the engine-vs-trainer log-prob gap."""
     diff_sum, diff_n = 0.0, 0
     for r in scored.rollouts:
@@ -313,14 +329,14 @@ def rollout_metrics(ctx: StageContext, generated: Generated, scored: Scored, ski
         "overall": sum(s["overall"] for s in scores), "accuracy": sum(s["accuracy"] for s in scores),
         "format": sum(s["format"] for s in scores), "count": len(scores), "length": float(lengths.sum()),
         "clipped": sum(c.finish_reason == "length" for c in generated.completions),
-        "diff": diff_sum, "diff_tokens": diff_n, "skipped": skips.total,
+        "diff": diff_sum, "diff_tokens": diff_n,
         "filtered": n_prompts - len(scored.rollouts) // max(1, ctx.cfg.grpo.n)})
     count = max(sums["count"], 1.0)
     return {"reward/overall": sums["overall"] / count, "reward/accuracy": sums["accuracy"] / count,
             "reward/format": sums["format"] / count, "response/length": sums["length"] / count,
             "response/length_max": longest["length"], "response/clip_ratio": sums["clipped"] / count,
             "rollout/logprob_diff": sums["diff"] / max(sums["diff_tokens"], 1.0),
-            "data/skipped": sums["skipped"], "data/filtered_groups": sums["filtered"]}
+            "data/filtered_groups": sums["filtered"]}
 
 
 # --- the stage ----------------------------------------------------------------------------------------------
@@ -332,7 +348,8 @@ def run_grpo(ctx: StageContext) -> None:
     updates_per_step = grpo.epochs * (grpo.rollout_batch_size // grpo.mini_batch_size)
     opt, sched = ctx.optimizer(grpo.steps * updates_per_step)
     skips = SkipCounter()
-    checkpointer = Checkpointer(ctx, opt, sched, skips)
+    guard = ctx.bad_step_guard()
+    checkpointer = Checkpointer(ctx, opt, sched, skips, guard)
     validator = Validator(ctx, val_table, every=grpo.val_every, temperature=grpo.val_temperature, n=grpo.val_n)
     start = checkpointer.resume()
     plan = StepPlan(with_ref=grpo.kl_coef > 0, on_policy=updates_per_step == 1, with_raw=grpo.temperature != 1.0)
@@ -350,14 +367,14 @@ def run_grpo(ctx: StageContext) -> None:
         prompts = ctx.step_batch(train_table, step, grpo.rollout_batch_size, encoder.prompt, skips)
         generated = generate(ctx, prompts, step, timer)
         with timer("time/reward"):
-            scored = score(ctx, prompts, generated.completions)
+            scored = score(ctx, prompts, generated.completions, guard, step)
         fill_logprobs(ctx, scored.rollouts, ref_policy, plan, timer)
-        train_stats = train(ctx, scored.rollouts, opt, sched, plan, timer)
+        train_stats = train(ctx, scored, opt, sched, plan, guard, step, timer)
         # the next step's sync pushes the new weights to the engine
         tokens = dist.reduce_sums({"tokens": sum(r.sample.input_ids.numel() for r in scored.rollouts)})["tokens"]
         dt = time.perf_counter() - t0
-        row = {**rollout_metrics(ctx, generated, scored, skips, len(prompts)), **train_stats, **timer.times,
-               **generated.engine_memory, "perf/tokens_per_s": tokens / dt, "time/step": dt,
+        row = {**rollout_metrics(ctx, generated, scored, len(prompts)), **train_stats,
+               "train/skipped_steps": guard.skipped, **skips.metrics(), **timer.times, **generated.engine_memory, "perf/tokens_per_s": tokens / dt, "time/step": dt,
                "mem/peak_gb": peak_memory_gb(ctx.device)}
         if step % grpo.log_every == 0 or last:
             ctx.metrics.log("grpo", step, row)

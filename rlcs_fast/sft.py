@@ -85,7 +85,8 @@ def run_sft(ctx: StageContext) -> None:
     total_steps = sft.steps or max(1, math.ceil(sft.epochs * len(train_table) / sft.global_batch_size))
     opt, sched = ctx.optimizer(total_steps)
     skips = SkipCounter()
-    checkpointer = Checkpointer(ctx, opt, sched, skips)
+    guard = ctx.bad_step_guard()
+    checkpointer = Checkpointer(ctx, opt, sched, skips, guard)
     # generation uses the GRPO stage's validation settings, so the two stages' val rows compare
     validator = Validator(ctx, val_table, every=sft.val_every, temperature=cfg.grpo.val_temperature,
                           n=cfg.grpo.val_n, generate=sft.val_generate,
@@ -101,15 +102,16 @@ def run_sft(ctx: StageContext) -> None:
         out = run_step(ctx, samples, sft.max_tokens_per_microbatch)
         grad_norm = clip_grad_norm(ctx.policy, cfg.optim.grad_clip)
         lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
+        if guard.check(step, "loss or gradient norm", out["nll_sum"], grad_norm):  # agreed by all ranks
+            opt.step()
+            sched.step()
+            guard.good()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         row = {"train/loss": out["nll_sum"] / max(out["loss_tokens"], 1.0), "train/grad_norm": grad_norm,
                "train/lr": lr, "perf/tokens_per_s": out["tokens"] / dt, "time/train": dt,
-               "mem/peak_gb": peak_memory_gb(ctx.device),
-               "data/skipped": int(dist.reduce_sums({"skipped": skips.total})["skipped"]),
-               "data/loss_tokens": out["loss_tokens"]}
+               "mem/peak_gb": peak_memory_gb(ctx.device), "data/loss_tokens": out["loss_tokens"],
+               "train/skipped_steps": guard.skipped, **skips.metrics()}
         if step % sft.log_every == 0 or last:
             ctx.metrics.log("sft", step, row)
         ctx.metrics.update_bar({"loss": row["train/loss"], "tok/s": row["perf/tokens_per_s"]})

@@ -25,6 +25,7 @@ from .data import (
     load_table,
     rank_share,
 )
+from .faults import BadStepGuard, Preemption
 from .metrics import MetricsLogger
 from .model import (
     Policy,
@@ -59,6 +60,7 @@ class StageContext:
     device: torch.device
     metrics: MetricsLogger
     engines: SharedEngine | None = None  # the run's rollout engine (the entry point's, or a test's)
+    preemption: Preemption | None = None  # the run's signal flag, checked after every step
     processor: Any = None
     model_config: Any = None
     policy: Policy | None = None
@@ -67,8 +69,9 @@ class StageContext:
 
     @classmethod
     def create(cls, cfg: Config, stage: str, init_path: str, *, rank: int, world: int, device: torch.device,
-               metrics: MetricsLogger, engines: SharedEngine | None = None) -> StageContext:
-        ctx = cls(cfg, stage, init_path, rank, world, device, metrics, engines)
+               metrics: MetricsLogger, engines: SharedEngine | None = None,
+               preemption: Preemption | None = None) -> StageContext:
+        ctx = cls(cfg, stage, init_path, rank, world, device, metrics, engines, preemption)
         check_cpu_offload(cfg.model.cpu_offload, device)
         ctx.processor = load_processor(init_path, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
         # offloaded: fully_shard moves one layer at a time through the GPU, the whole model never is there
@@ -139,6 +142,10 @@ class StageContext:
         rows = global_indices(len(table), (step - 1) * size, size, self.cfg.run.seed)
         mine = rank_share(rows, self.rank, self.world)
         return encode_many(encode, ((table[i], i) for i in mine), skips, "data.train")
+
+    def bad_step_guard(self) -> BadStepGuard:
+        """Skips non-finite steps; `optim.max_bad_steps` in a row stop the run."""
+        return BadStepGuard(self.cfg.optim.max_bad_steps, self.stage)
 
     def optimizer(self, total_steps: int):
         """AdamW and its schedule over `total_steps` optimizer steps, at this stage's learning rate."""

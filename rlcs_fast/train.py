@@ -1,6 +1,10 @@
 """Entry point: ``python -m rlcs_fast.train --cfg configs/tiny.toml [--section.key value ...]``, also
 under ``torchrun``. Runs the stages of ``run.stages`` in order; GRPO starts from the SFT export.
-``--dry-run`` validates the config and prints the run plan (model, data, batches, memory) instead."""
+``--dry-run`` validates the config and prints the run plan (model, data, batches, memory) instead.
+
+Exit status: 0 done; 1 an error (a traceback; one line for too many non-finite steps in a row and for a
+checkpoint that could not be written); 2 a config error; 75 (``faults.EXIT_PREEMPTED``) stopped by
+SIGTERM / SIGUSR1 after writing a checkpoint, resumable with ``run.resume = "auto"``."""
 
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ from pathlib import Path
 import torch
 
 from . import dist
+from .checkpoint import CheckpointError
 from .config import ConfigError, dump_toml, parse_args, to_dict
+from .faults import EXIT_PREEMPTED, Preempted, Preemption, TooManyBadSteps
 from .metrics import MetricsLogger, setup_logging
 from .model import resolve_model_path
 from .rollout.build import SharedEngine, build_engine
@@ -34,7 +40,14 @@ def main(argv: list[str] | None = None, *, engine: RolloutEngine | None = None) 
         plan = build_plan(cfg)
         print(format_plan(plan, cfg))
         return 0 if plan.ok else 1
-    rank, world, device = dist.init(cfg.run.device)
+    # handlers from the start: a signal during start-up (process group, model load) is acted on after the
+    # first step instead of killing the process
+    with Preemption() as preemption:
+        return run(cfg, preemption, engine)
+
+
+def run(cfg, preemption: Preemption, engine: RolloutEngine | None = None) -> int:
+    rank, world, device = dist.init(cfg.run.device, timeout_s=cfg.run.collective_timeout_s)
     setup_logging(rank)
     torch.manual_seed(cfg.run.seed)
     run_dir = Path(cfg.run.dir)
@@ -54,22 +67,20 @@ def main(argv: list[str] | None = None, *, engine: RolloutEngine | None = None) 
 
     engines = SharedEngine(engine=engine) if engine is not None else SharedEngine(build)
     try:
-        for stage in cfg.run.stages:
-            if cfg.run.resume == "auto" and stage_done(run_dir, stage):
-                log.info("%s: already done in %s, skipping", stage, stage_dir(run_dir, stage))
-            else:
-                ctx = StageContext.create(cfg, stage, init_path, rank=rank, world=world, device=device,
-                                          metrics=metrics, engines=engines)
-                if stage == "sft":
-                    from .sft import run_sft
-
-                    run_sft(ctx)
-                else:
-                    from .grpo import run_grpo
-
-                    run_grpo(ctx)
-                del ctx
-            init_path = str(stage_dir(run_dir, stage) / "hf")
+        run_stages(cfg, init_path, rank=rank, world=world, device=device, metrics=metrics, engines=engines,
+                   preemption=preemption)
+    except Preempted as e:
+        log.warning("%s; exiting with status %d (resume with run.resume = \"auto\")", e, EXIT_PREEMPTED)
+        engines.close()
+        metrics.close()
+        dist.shutdown()  # every rank stopped after the same step: they leave together
+        return EXIT_PREEMPTED
+    except (TooManyBadSteps, CheckpointError) as e:  # agreed by all ranks; the message says what to do
+        log.error("%s", e)
+        engines.close()
+        metrics.close()
+        dist.shutdown(wait=False)
+        return 1
     except BaseException:
         engines.close()
         metrics.close()
@@ -80,6 +91,26 @@ def main(argv: list[str] | None = None, *, engine: RolloutEngine | None = None) 
     dist.shutdown()
     return 0
 
+
+def run_stages(cfg, init_path: str, *, rank: int, world: int, device: torch.device, metrics: MetricsLogger,
+               engines: SharedEngine, preemption: Preemption) -> None:
+    run_dir = Path(cfg.run.dir)
+    for stage in cfg.run.stages:
+        if cfg.run.resume == "auto" and stage_done(run_dir, stage):
+            log.info("%s: already done in %s, skipping", stage, stage_dir(run_dir, stage))
+        else:
+            ctx = StageContext.create(cfg, stage, init_path, rank=rank, world=world, device=device,
+                                      metrics=metrics, engines=engines, preemption=preemption)
+            if stage == "sft":
+                from .sft import run_sft
+
+                run_sft(ctx)
+            else:
+                from .grpo import run_grpo
+
+                run_grpo(ctx)
+            del ctx
+        init_path = str(stage_dir(run_dir, stage) / "hf")
 
 if __name__ == "__main__":
     sys.exit(main())
