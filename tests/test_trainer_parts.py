@@ -10,18 +10,20 @@ import pytest
 
 from rlcs_fast import dist
 from rlcs_fast.checkpointer import Checkpointer
+from rlcs_fast.faults import Preempted
 from rlcs_fast.rollout.build import SharedEngine
 from rlcs_fast.validation import Validator
 
 
-def _ctx(every: int):
+def _ctx(every: int, preempted: bool = False):
     cfg = SimpleNamespace(checkpoint=SimpleNamespace(every=every, keep=2))
-    return SimpleNamespace(cfg=cfg, dir=Path("unused"))
+    preemption = SimpleNamespace(requested=lambda: preempted)
+    return SimpleNamespace(cfg=cfg, dir=Path("unused"), stage="sft", preemption=preemption)
 
 
 @pytest.mark.parametrize("every, steps, due", [(2, 5, [2, 4, 5]), (0, 3, [3]), (3, 6, [3, 6]), (1, 2, [1, 2])])
 def test_checkpoint_and_validation_are_due_every_n_steps_and_at_the_last(every, steps, due):
-    checkpointer = Checkpointer(_ctx(every), opt=None, sched=None, skips=None)
+    checkpointer = Checkpointer(_ctx(every), opt=None, sched=None, skips=None, guard=None)
     validator = Validator(ctx=None, table=None, every=every, temperature=1.0, n=1)
     for step in range(1, steps + 1):
         last = step == steps
@@ -30,8 +32,18 @@ def test_checkpoint_and_validation_are_due_every_n_steps_and_at_the_last(every, 
 
 
 def test_checkpointer_save_writes_nothing_when_not_due():
-    checkpointer = Checkpointer(_ctx(4), opt=None, sched=None, skips=None)  # a write would touch None
+    checkpointer = Checkpointer(_ctx(4), opt=None, sched=None, skips=None, guard=None)  # a write would fail
     assert checkpointer.save(3) is None
+
+
+@pytest.mark.parametrize("step", [3, 4])  # checkpoint.every = 4: step 3 is not due, step 4 is
+def test_a_preempted_step_is_saved_once_then_the_stage_stops(step):
+    checkpointer = Checkpointer(_ctx(4, preempted=True), opt=None, sched=None, skips=None, guard=None)
+    written = []
+    checkpointer._write = lambda s: written.append(s) or Path(f"step_{s}")
+    with pytest.raises(Preempted, match=f"after step {step}"):
+        checkpointer.save(step)
+    assert written == [step]  # due or not, exactly one checkpoint of the step
 
 
 class _Engine:
