@@ -8,8 +8,9 @@ The paper's benchmarks (MathVista, MathVerse, MathVision, We-Math; loaders and s
 ``--bench NAME`` for one, or ``--bench NAME --data SET --score-only ANSWERS.jsonl`` to score responses
 produced elsewhere.
 
-The generate-and-score core (:mod:`rlcs_fast.validation`) is the one the trainer's ``Validator`` runs, so for the same checkpoint, prompts, greedy decoding and scorer, ``eval`` gives
-the ``val/accuracy`` the training run logged. Prompt settings (template, system prompt, pixel bounds,
+The generate-and-score core (:mod:`rlcs_fast.validation`) is the one the trainer's ``Validator`` runs,
+so for the same checkpoint, prompts, greedy decoding and scorer, ``eval`` gives the ``val/accuracy`` the
+training run logged. Prompt settings (template, system prompt, pixel bounds,
 token limits, reward) come from the run's ``config.toml`` found beside the model directory (an export
 ``<run.dir>/<stage>/hf`` has it two levels up), else from the command line and the defaults.
 
