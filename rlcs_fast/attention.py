@@ -92,7 +92,8 @@ def select_attention(requested: str = "auto") -> str:
     if requested == "torch_varlen":
         if _torch_varlen_attn() is None:
             raise ValueError(
-                f"model.attention = 'torch_varlen' needs torch >= 2.11 (torch.nn.attention.varlen.varlen_attn "
+                "model.attention = 'torch_varlen' needs torch >= 2.11 "
+                "(torch.nn.attention.varlen.varlen_attn "
                 f"with window_size); this is torch {torch.__version__}. Use model.attention = 'auto'"
             )
         if not cuda:

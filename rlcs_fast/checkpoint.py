@@ -118,7 +118,8 @@ def saved_world_size(path: str | Path) -> int:
 def _single_process_ok() -> Iterator[None]:
     """DCP warns on every call without a process group; one process is a supported case here."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings("ignore",
+                                message="torch.distributed is disabled, unavailable or uninitialized")
         yield
 
 
@@ -144,7 +145,8 @@ def _on_every_rank(what: str, fn: Callable[[], Any]) -> Any:
         err = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
     ok = dist.all_reduce(torch.tensor([0 if err else 1]), "min")
     if not int(ok.item()):
-        raise CheckpointError(f"{what}: {type(err).__name__}: {err}" if err else f"{what}: failed on another rank") \
+        raise CheckpointError(f"{what}: {type(err).__name__}: {err}" if err
+                              else f"{what}: failed on another rank") \
             from err
     return out
 
@@ -180,7 +182,8 @@ def save(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.o
         if dist.rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(root)
-        raise CheckpointError(f"checkpoint step {step} could not be written under {str(root)!r} ({e}); nothing "
+        raise CheckpointError(f"checkpoint step {step} could not be written under {str(root)!r} ({e}); "
+                              "nothing "
                               f"was published, the newest complete checkpoint is still "
                               f"{str(previous) if previous else 'none'}. Free disk space or fix the "
                               "permissions of run.dir, then resume.") from e
@@ -332,7 +335,8 @@ def check_shared(root: str | Path) -> None:
     if dist.rank() == 0:
         probe.unlink(missing_ok=True)
     if not int(seen.item()):
-        raise RuntimeError(f"checkpoint folder {str(root)!r} (under run.dir) is not visible from every process: "
+        raise RuntimeError(f"checkpoint folder {str(root)!r} (under run.dir) is not visible from every "
+                           "process: "
                            "put run.dir on a file system all nodes share (NFS, Lustre, a mounted bucket); "
                            "see the README's Multi-node section.")
 
@@ -346,7 +350,8 @@ def clean_partial(root: str | Path) -> None:
             if p.name.startswith("step_") and p.name.endswith(".tmp"):
                 shutil.rmtree(p, ignore_errors=True)
             elif _STEP_DIR.match(p.name) and not (p / "meta.json").is_file():
-                log.warning("checkpoint %s has no meta.json (a write or a clean-up was interrupted, or the file "
+                log.warning("checkpoint %s has no meta.json (a write or a clean-up was interrupted, or the "
+                            "file "
                             "was lost): removed, the previous complete checkpoint is used", p)
                 shutil.rmtree(p, ignore_errors=True)
     dist.barrier()

@@ -223,7 +223,8 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"config key `{key}` must be a list, got {value!r} (write it as TOML: '[...]').")
+            raise ConfigError(f"config key `{key}` must be a list, got {value!r} "
+                              "(write it as TOML: '[...]').")
         return [_check_value(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -247,7 +248,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         tp, value = hints[f.name], data[f.name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key `{prefix}{f.name}` is a section: write it as [{prefix}{f.name}].")
+                raise ConfigError(f"config key `{prefix}{f.name}` is a section: write it as "
+                                  f"[{prefix}{f.name}].")
             kwargs[f.name] = _build(tp, value, f"{prefix}{f.name}.")
         else:
             kwargs[f.name] = _check_value(prefix + f.name, value, tp)
@@ -278,7 +280,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist (pass --cfg configs/tiny.toml or another file).")
+            raise ConfigError(f"config file {str(path)!r} does not exist (pass --cfg configs/tiny.toml or "
+                              "another file).")
         try:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
@@ -298,13 +301,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError('config key `run.stages` is empty: use ["sft"], ["grpo"] or ["sft", "grpo"].')
     for s in cfg.run.stages:
         if s not in STAGES:
-            raise ConfigError(f"config key `run.stages` has unknown stage {s!r}: valid stages are {list(STAGES)}.")
-    if len(set(cfg.run.stages)) != len(cfg.run.stages) or list(cfg.run.stages) != sorted(cfg.run.stages, key=STAGES.index):
+            raise ConfigError(f"config key `run.stages` has unknown stage {s!r}: valid stages are "
+                              f"{list(STAGES)}.")
+    if len(set(cfg.run.stages)) != len(cfg.run.stages) or list(cfg.run.stages) != sorted(cfg.run.stages,
+                                                                                         key=STAGES.index):
         raise ConfigError(f"config key `run.stages` = {cfg.run.stages}: each stage once, sft before grpo.")
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).exists():
-        raise ConfigError(f"config key `run.resume` = {cfg.run.resume!r}: use \"auto\", \"never\" or an existing checkpoint directory.")
+        raise ConfigError(f"config key `run.resume` = {cfg.run.resume!r}: use \"auto\", \"never\" or an "
+                          "existing checkpoint directory.")
     if cfg.model.cpu_offload and cfg.run.device == "cpu":
-        raise ConfigError("config key `model.cpu_offload` = true needs a CUDA device (FSDP2's CPUOffloadPolicy "
+        raise ConfigError("config key `model.cpu_offload` = true needs a CUDA device (FSDP2's "
+                          "CPUOffloadPolicy "
                           "streams CPU-resident shards to the GPU), but `run.device` = \"cpu\": set "
                           "`model.cpu_offload = false`.")
     positive = {
@@ -335,23 +342,29 @@ def validate(cfg: Config) -> None:
             f"`grpo.rollout_batch_size` = {cfg.grpo.rollout_batch_size}."
         )
     if "grpo" in cfg.run.stages and cfg.grpo.n < 2:
-        raise ConfigError("config key `grpo.n` must be >= 2: group advantages need several responses per prompt.")
+        raise ConfigError("config key `grpo.n` must be >= 2: group advantages need several responses per "
+                          "prompt.")
     if not 0 <= cfg.grpo.clip_low < 1 or cfg.grpo.clip_high < 0:
-        raise ConfigError("config keys `grpo.clip_low` (in [0, 1)) and `grpo.clip_high` (>= 0) are out of range.")
+        raise ConfigError("config keys `grpo.clip_low` (in [0, 1)) and `grpo.clip_high` (>= 0) are out of "
+                          "range.")
     if cfg.grpo.clip_dual and cfg.grpo.clip_dual <= 1:
-        raise ConfigError(f"config key `grpo.clip_dual` = {cfg.grpo.clip_dual} must be 0 (off) or > 1 (verl uses 3).")
+        raise ConfigError(f"config key `grpo.clip_dual` = {cfg.grpo.clip_dual} must be 0 (off) or > 1 (verl "
+                          "uses 3).")
     if not 0 < cfg.grpo.top_p <= 1:
         raise ConfigError(f"config key `grpo.top_p` = {cfg.grpo.top_p} must be in (0, 1].")
     if cfg.grpo.temperature <= 0:
         raise ConfigError(f"config key `grpo.temperature` = {cfg.grpo.temperature} must be > 0 (sampling).")
     if not 0 <= cfg.reward.format_weight <= 1:
-        raise ConfigError(f"config key `reward.format_weight` = {cfg.reward.format_weight} must be in [0, 1].")
+        raise ConfigError(f"config key `reward.format_weight` = {cfg.reward.format_weight} "
+                          "must be in [0, 1].")
     if cfg.reward.function and ":" not in cfg.reward.function:
-        raise ConfigError(f"config key `reward.function` = {cfg.reward.function!r} must look like \"module:function\".")
+        raise ConfigError(f"config key `reward.function` = {cfg.reward.function!r} must look like "
+                          "\"module:function\".")
     if cfg.data.min_pixels > cfg.data.max_pixels:
         raise ConfigError("config keys `data.min_pixels` and `data.max_pixels`: min must not exceed max.")
     if "{problem}" not in cfg.data.prompt_template:
-        raise ConfigError("config key `data.prompt_template` must contain \"{problem}\" where the question goes.")
+        raise ConfigError("config key `data.prompt_template` must contain \"{problem}\" where the question "
+                          "goes.")
     if cfg.grpo.max_prompt_length + cfg.grpo.max_response_length > cfg.grpo.max_tokens_per_microbatch:
         raise ConfigError(
             "config key `grpo.max_tokens_per_microbatch` must hold at least one whole sequence: raise it to "
@@ -360,7 +373,8 @@ def validate(cfg: Config) -> None:
         )
 
 
-def parse_args(argv: list[str] | None = None, *, extra_flags: tuple[str, ...] = ()) -> tuple[Config, dict[str, bool]]:
+def parse_args(argv: list[str] | None = None, *,
+               extra_flags: tuple[str, ...] = ()) -> tuple[Config, dict[str, bool]]:
     """``--cfg FILE`` plus ``--section.key value`` (or ``--section.key=value``) overrides.
 
     ``extra_flags`` are boolean switches of the entry point (e.g. ``--dry-run``)."""
@@ -386,7 +400,8 @@ def parse_args(argv: list[str] | None = None, *, extra_flags: tuple[str, ...] = 
         elif "." in name:
             overrides[name] = parse_value(value)
         else:
-            raise ConfigError(f"unknown argument --{name}: use --cfg FILE, --section.key value{', ' if flags else ''}"
+            raise ConfigError(f"unknown argument --{name}: use --cfg FILE, --section.key "
+                              f"value{', ' if flags else ''}"
                               + ", ".join(f"--{f}" for f in flags) + ".")
     return load_config(cfg_path, overrides), flags
 

@@ -51,7 +51,8 @@ class SkipCounter:
         if kind not in self.rows:
             log.warning("skipping a sample%s (%s): %s; further skips of this kind are only counted "
                         "(metrics: data/skipped)", f" of {where}" if where else "", kind, detail)
-        self.rows.setdefault(kind, set()).add((where, key if key is not None else len(self.rows.get(kind, ()))))
+        self.rows.setdefault(kind,
+                             set()).add((where, key if key is not None else len(self.rows.get(kind, ()))))
 
     def state(self) -> dict[str, list]:
         return {kind: sorted(keys, key=repr) for kind, keys in self.rows.items()}
@@ -120,7 +121,8 @@ def load_table(source: str, split: str, *, kind: str, seed: int = 0, synthetic_s
             return datasets.load_dataset(source, split=split)
         except Exception as e:  # the hub or the split is out of reach: say which key to change
             raise ConfigError(f"config key `{key}` = {source!r}: could not load split {split!r} from the hub "
-                              f"({type(e).__name__}: {e}). Use a local parquet/JSONL path or \"synthetic\".") from e
+                              f"({type(e).__name__}: {e}). Use a local parquet/JSONL path or "
+                              "\"synthetic\".") from e
     raise ConfigError(f"config key `{key}` = {source!r} is neither an existing path, a hub id (owner/name), "
                       "nor \"synthetic\".")
 
@@ -150,7 +152,8 @@ def lazy_images(ds, column: str):
 
 # --- images ------------------------------------------------------------------------------------------
 
-def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = IMAGE_FACTOR) -> tuple[int, int]:
+def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int,
+                 factor: int = IMAGE_FACTOR) -> tuple[int, int]:
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as _smart_resize
 
     return _smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -243,7 +246,8 @@ def _text(value: Any, column: str) -> Any:
     return value
 
 
-def row_fields(row: dict[str, Any], columns: Columns, *, need_answer: bool = True) -> tuple[list[Any], str, str]:
+def row_fields(row: dict[str, Any], columns: Columns, *,
+               need_answer: bool = True) -> tuple[list[Any], str, str]:
     images = row.get(columns.images)
     problem = _text(row.get(columns.problem), columns.problem)
     answer = _text(row.get(columns.answer), columns.answer)
@@ -277,7 +281,8 @@ def build_messages(problem: str, n_images: int, *, template: str, system_prompt:
                 content.append({"type": "image"})
     else:
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": text.strip()}]
-    messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt else []
+    messages = [{"role": "system",
+                 "content": [{"type": "text", "text": system_prompt}]}] if system_prompt else []
     messages.append({"role": "user", "content": content})
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
@@ -307,7 +312,8 @@ class Encoder:
             raise SkipSample("unreadable_image", f"{type(e).__name__}: {e}") from e  # extreme aspect ratios
 
     def _prompt_inputs(self, problem: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        messages = build_messages(problem, len(images), template=self.template, system_prompt=self.system_prompt)
+        messages = build_messages(problem, len(images), template=self.template,
+                                  system_prompt=self.system_prompt)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.processor(text=[text], images=images or None, return_tensors="pt")
 
@@ -328,14 +334,16 @@ class Encoder:
         images = self._images(raw)
         enc = self._prompt_inputs(problem, images)
         prompt_ids = enc["input_ids"][0]
-        completion = self.processor.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"] + [self.eos]
+        completion = self.processor.tokenizer(answer.strip(),
+                                              add_special_tokens=False)["input_ids"] + [self.eos]
         ids = torch.cat([prompt_ids, torch.tensor(completion, dtype=torch.long)])
         if ids.numel() > self.max_length:
             raise SkipSample("too_long", f"{ids.numel()} tokens > data.max_length {self.max_length}")
         target_mask = torch.zeros(ids.numel(), dtype=torch.bool)
         target_mask[prompt_ids.numel():] = True  # assistant tokens only, the closing <|im_end|> included
         grid = enc.get("image_grid_thw")
-        return Sample(input_ids=ids, target_mask=target_mask, position_ids=mrope_positions(self.model_config, ids, grid),
+        return Sample(input_ids=ids, target_mask=target_mask,
+                      position_ids=mrope_positions(self.model_config, ids, grid),
                       pixel_values=enc.get("pixel_values"), image_grid_thw=grid)
 
 

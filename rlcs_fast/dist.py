@@ -38,7 +38,8 @@ def check_collective(t: torch.Tensor, what: str) -> None:
         return
     backend = group_backend(simulated == "cuda")
     if t.device.type not in backend_devices(backend):
-        raise RuntimeError(f"{what} of a {t.device.type} tensor {tuple(t.shape)}: a {simulated} run's process "
+        raise RuntimeError(f"{what} of a {t.device.type} tensor {tuple(t.shape)}: a {simulated} run's "
+                           "process "
                            f"group ({backend!r}) has no backend for {t.device.type} tensors")
 
 
@@ -85,7 +86,8 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce; returns the tensor for chaining. `op` in sum | max | min."""
     check_collective(t, "all_reduce")
     if is_dist():
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+        dist.all_reduce(t,
+                        op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t
 
 

@@ -53,7 +53,8 @@ CATEGORY_COLUMNS = ("category", "subject", "question_type")
 
 # --- metrics -------------------------------------------------------------------------------------------
 
-def summarize(records: list[dict[str, Any]], n: int, categories: dict[int, str] | None = None) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]], n: int,
+              categories: dict[int, str] | None = None) -> dict[str, Any]:
     """pass@1, mean@k, pass@k and format over prompts (records grouped by ``index``), overall and per
     category."""
     by_prompt: dict[int, list[dict]] = defaultdict(list)
@@ -129,7 +130,8 @@ def detect_columns(names: list[str], source: str) -> tuple[str, str, str, str | 
         raise ConfigError(f"--data {source!r}: no {what} column (looked for {list(options)}, found {names}).")
 
     category = next((c for c in CATEGORY_COLUMNS if c in names), None)
-    return pick(IMAGE_COLUMNS, "image"), pick(PROBLEM_COLUMNS, "question"), pick(ANSWER_COLUMNS, "answer"), category
+    return pick(IMAGE_COLUMNS, "image"), pick(PROBLEM_COLUMNS, "question"), pick(ANSWER_COLUMNS,
+                                                                                 "answer"), category
 
 
 def model_name(model_dir: str | Path, taken: set[str]) -> str:
@@ -190,9 +192,12 @@ def load_for_eval(model_dir: str, settings: EvalSettings, engine_kind: str, devi
 
     processor = load_processor(model_dir, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
     model_config = AutoConfig.from_pretrained(model_dir)
-    engine = build_engine(settings.rollout, model_dir, tokenizer=processor.tokenizer, device=device, kind=engine_kind,
-                          batch_size=settings.batch_size, max_model_len=settings.max_prompt_length + settings.max_new_tokens,
-                          seed=settings.seed, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels, from_disk=True)
+    engine = build_engine(settings.rollout, model_dir, tokenizer=processor.tokenizer, device=device,
+                          kind=engine_kind,
+                          batch_size=settings.batch_size,
+                          max_model_len=settings.max_prompt_length + settings.max_new_tokens,
+                          seed=settings.seed, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels,
+                          from_disk=True)
     return processor, model_config, engine
 
 
@@ -204,7 +209,8 @@ def evaluate_model(model_dir: str, args: argparse.Namespace, device: torch.devic
     cfg, cfg_path = run_settings(model_dir)
     s = resolve_settings(cfg, args)
     log.info("eval %s: settings from %s", model_dir, cfg_path or "defaults and flags")
-    table = load_table(args.data, args.split, kind="rl", seed=s.seed, synthetic_size=s.synthetic_val_size, key="--data")
+    table = load_table(args.data, args.split, kind="rl", seed=s.seed, synthetic_size=s.synthetic_val_size,
+                       key="--data")
     if args.limit:
         table = table.select(range(min(args.limit, len(table))))
     image_col, problem_col, answer_col, category_col = detect_columns(list(table.column_names), args.data)
@@ -214,13 +220,13 @@ def evaluate_model(model_dir: str, args: argparse.Namespace, device: torch.devic
                       system_prompt=s.system_prompt, min_pixels=s.min_pixels, max_pixels=s.max_pixels,
                       max_length=s.max_prompt_length)
     skips = SkipCounter()
-    prompts = encode_many(lambda row, i: encoder.prompt(row, i), ((table[i], i) for i in range(len(table))), skips,
-                          "--data")
+    prompts = encode_many(lambda row, i: encoder.prompt(row, i),
+                          ((table[i], i) for i in range(len(table))), skips, "--data")
     tok = processor.tokenizer
-    sampling = val_sampling(n=args.n, temperature=args.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                            seed=s.seed, banned_token_ids=banned_token_ids(mcfg))
-    with RewardScorer(fn=s.reward_function or None, format_weight=s.format_weight, timeout_s=s.reward_timeout_s,
-                      num_workers=s.reward_workers) as scorer:
+    sampling = val_sampling(n=args.n, temperature=args.temperature, top_p=s.top_p,
+                            max_tokens=s.max_new_tokens, seed=s.seed, banned_token_ids=banned_token_ids(mcfg))
+    with RewardScorer(fn=s.reward_function or None, format_weight=s.format_weight,
+                      timeout_s=s.reward_timeout_s, num_workers=s.reward_workers) as scorer:
         records = generate_and_score(engine, tok, prompts, sampling, scorer)
     del engine
     categories = {}
@@ -232,8 +238,8 @@ def evaluate_model(model_dir: str, args: argparse.Namespace, device: torch.devic
     summary = summarize(records, args.n, categories if category_col else None)
     summary["overall"]["skipped"] = skips.total
     summary["settings"] = {"model": str(model_dir), "run_config": str(cfg_path) if cfg_path else None,
-                           "data": args.data, "split": args.split, "n": args.n, "temperature": args.temperature,
-                           "max_new_tokens": s.max_new_tokens}
+                           "data": args.data, "split": args.split, "n": args.n,
+                           "temperature": args.temperature, "max_new_tokens": s.max_new_tokens}
     return records, summary
 
 
@@ -242,25 +248,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", action="append", default=[],
                    help="model directory, or 'tiny' (repeat to compare models)")
     p.add_argument("--data", action="append", default=[],
-                   help="hub id, local parquet/JSONL file or folder, or 'synthetic'; with --suite/--bench a local "
+                   help="hub id, local parquet/JSONL file or folder, or 'synthetic'; with --suite/--bench a "
+                        "local "
                         "copy of a benchmark as NAME=PATH (repeat), or PATH for a single --bench")
     p.add_argument("--suite", choices=("paper",), default=None,
                    help="the paper's benchmarks: MathVista, MathVerse, MathVision, We-Math")
     p.add_argument("--bench", action="append", default=[], help="one benchmark (repeat for several)")
     p.add_argument("--score-only", default=None, metavar="ANSWERS.jsonl",
-                   help="score given responses ({\"index\": row, \"response\": text} per line) for one --bench")
+                   help="score given responses ({\"index\": row, \"response\": text} per line) for one "
+                        "--bench")
     p.add_argument("--split", default=None,
                    help="split (default test; with benchmarks their published split, or NAME=SPLIT)")
     p.add_argument("--n", type=int, default=1, help="responses per question (mean@k, pass@k)")
     p.add_argument("--temperature", type=float, default=None,
                    help="0: greedy (default; benchmarks: the run's grpo.val_temperature)")
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's grpo.max_response_length")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the run's grpo.max_response_length")
     p.add_argument("--out", default="eval_out", help="output folder for answers (JSONL) and summary.md/.json")
-    p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto", help="auto: vLLM on GPU, else transformers")
+    p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
+                   help="auto: vLLM on GPU, else transformers")
     p.add_argument("--limit", type=int, default=0, help="first N rows only (0: all)")
     p.add_argument("--chunk", type=int, default=0,
-                   help="benchmarks: rows generated and saved at a time (default: the run's rollout.batch_size)")
+                   help="benchmarks: rows generated and saved at a time (default: the run's "
+                        "rollout.batch_size)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="sequences per transformers generate call")
@@ -308,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for model_dir in args.model:
             if not Path(model_dir).is_dir():
-                raise ConfigError(f"--model {model_dir!r} is not a directory (give an exported HF directory, e.g. "
+                raise ConfigError(f"--model {model_dir!r} is not a directory (give an exported HF directory, "
+                                  "e.g. "
                                   "<run.dir>/grpo/hf).")
             name = model_name(model_dir, taken)
             records, summary = evaluate_model(model_dir, args, device)
@@ -322,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlcs_fast.eval: {e}", file=sys.stderr)
         return 2
     table = comparison_markdown(summaries, args.n)
-    header = f"# eval on {args.data} ({args.split}), n={args.n}, temperature={args.temperature}; accuracy in %\n\n"
+    header = (f"# eval on {args.data} ({args.split}), n={args.n}, temperature={args.temperature}; "
+              "accuracy in %\n\n")
     (out / "summary.md").write_text(header + table + "\n")
     (out / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
     print(table)

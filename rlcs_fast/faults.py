@@ -1,10 +1,10 @@
 """What a long run does when the cluster or the numbers misbehave: preemption signals and non-finite steps.
 
 - :class:`Preemption`: SIGTERM (what SLURM and Kubernetes send before a kill) or SIGUSR1 (SLURM's
-  ``--signal=USR1@<seconds>`` early warning) only sets a flag; the stage loop asks :meth:`Preemption.requested`
-  once per step (a 1-element all-reduce, so every rank stops after the same step even when the signal
-  reached one rank only), writes a checkpoint and raises :class:`Preempted`; the entry point exits with
-  :data:`EXIT_PREEMPTED`.
+  ``--signal=USR1@<seconds>`` early warning) only sets a flag; the stage loop asks
+  :meth:`Preemption.requested` once per step (a 1-element all-reduce, so every rank stops after the same
+  step even when the signal reached one rank only), writes a checkpoint and raises :class:`Preempted`; the
+  entry point exits with :data:`EXIT_PREEMPTED`.
 - :class:`BadStepGuard`: a step whose loss, gradient norm, rewards or advantages are NaN/inf is skipped
   (no optimizer step, no scheduler step, gradients dropped) on every rank together; ``max_bad_steps`` in a
   row stop the run with :class:`TooManyBadSteps` before anything is saved, so the newest checkpoint is the
@@ -75,7 +75,8 @@ class Preemption:
 
 def all_finite(*values: float | torch.Tensor) -> bool:
     """True on every rank when every value on every rank is finite (collective)."""
-    ok = all(bool(torch.isfinite(v).all()) if isinstance(v, torch.Tensor) else math.isfinite(v) for v in values)
+    ok = all(bool(torch.isfinite(v).all()) if isinstance(v,
+                                                         torch.Tensor) else math.isfinite(v) for v in values)
     return bool(dist.all_reduce(torch.tensor([1 if ok else 0]), "min").item())
 
 
@@ -105,7 +106,8 @@ class BadStepGuard:
         if self.in_a_row >= self.max_bad_steps:
             raise TooManyBadSteps(
                 f"{self.stage}: {self.in_a_row} non-finite steps in a row (the last at step {step}: {what}); "
-                f"stopping (optim.max_bad_steps = {self.max_bad_steps}). The newest checkpoint holds the last "
+                f"stopping (optim.max_bad_steps = {self.max_bad_steps}). The newest checkpoint holds the "
+                "last "
                 "good weights; lower the learning rate, check the data or the reward function, and resume.")
 
     def good(self) -> None:

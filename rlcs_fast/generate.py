@@ -91,7 +91,8 @@ class Generator:
         enc = enc.to(engine.device)
         greedy = temperature == 0
         generated = engine.model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
+            **enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
+            temperature=None if greedy else temperature,
             top_p=None, top_k=None, eos_token_id=engine.eos, pad_token_id=engine.pad,
             suppress_tokens=list(self.banned), streamer=make_streamer(tok, out))
         return tok.decode(generated[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -131,8 +132,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--question", help="question about the image")
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto", help="auto: vLLM on GPU when installed")
-    p.add_argument("--interactive", action="store_true", help="read 'IMAGE_PATH QUESTION' lines from stdin until EOF")
+    p.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
+                   help="auto: vLLM on GPU when installed")
+    p.add_argument("--interactive", action="store_true",
+                   help="read 'IMAGE_PATH QUESTION' lines from stdin until EOF")
     p.add_argument("--prompt-template", default=None, help="default: the run's data.prompt_template")
     p.add_argument("--system-prompt", default=None, help="default: the run's data.system_prompt")
     p.add_argument("--min-pixels", type=int, default=None, help="default: the run's data.min_pixels")
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None, *, stdin: TextIO | None = None, stdout: 
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, _ = run_settings(args.model)
-    engine = build_engine(cfg.rollout, args.model, tokenizer=processor.tokenizer, device=device, kind=args.engine,
+    engine = build_engine(cfg.rollout, args.model, tokenizer=processor.tokenizer, device=device,
+                          kind=args.engine,
                           max_model_len=32768, seed=cfg.run.seed, min_pixels=settings.min_pixels,
                           max_pixels=settings.max_pixels, from_disk=True)
     generator = Generator(engine, processor, AutoConfig.from_pretrained(args.model))
@@ -176,7 +180,8 @@ def main(argv: list[str] | None = None, *, stdin: TextIO | None = None, stdout: 
             if not args.interactive:
                 return 1
             continue
-        generator.answer(text, image, max_new_tokens=args.max_new_tokens, temperature=args.temperature, out=stdout)
+        generator.answer(text, image, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, out=stdout)
     return 0
 
 

@@ -53,7 +53,8 @@ class Rollout:
 
 def build_rollouts(prompts: list, completions: list[Completion], advantages: torch.Tensor,
                    n: int) -> list[Rollout]:
-    """Completion ``j`` answers ``prompts[j // n]``: prompt + response as one sample, the response the target."""
+    """Completion ``j`` answers ``prompts[j // n]``: prompt + response as one sample, the response the
+    target."""
     out = []
     for j, completion in enumerate(completions):
         prompt = prompts[j // n]
@@ -92,7 +93,8 @@ def compute_logprobs(policy, rollouts: list[Rollout], *, ctx: StageContext, max_
     ([R, 2] with the log-probs at T = 1 too when `with_raw`)."""
     filler = dummy_image_sample(ctx.model_config)
     samples = [r.sample for r in rollouts]
-    micro, n_real = plan_step(list(range(len(samples))), [s.input_ids.numel() for s in samples], max_tokens, -1)
+    micro, n_real = plan_step(list(range(len(samples))), [s.input_ids.numel() for s in samples],
+                              max_tokens, -1)
     out: list[torch.Tensor | None] = [None] * len(samples)
     was_training = policy.training
     policy.eval()
@@ -130,7 +132,8 @@ def grpo_head(grpo, targets, old, adv, mask, ref, seq_ids, norm_len, num_seqs: i
                                                    impl=impl))
         return fused_linear_grpo_loss(
             hidden, weight, targets, old, adv, mask, ref_logprobs=ref, temperature=grpo.temperature,
-            clip_low=grpo.clip_low, clip_high=grpo.clip_high, clip_dual=grpo.clip_dual or None, kl_coef=grpo.kl_coef,
+            clip_low=grpo.clip_low, clip_high=grpo.clip_high, clip_dual=grpo.clip_dual or None,
+            kl_coef=grpo.kl_coef,
             kl_type=grpo.kl_type, agg=grpo.agg, norm_len=norm_len, seq_ids=seq_ids, num_seqs=num_seqs,
             with_entropy=True, impl=impl, logprobs_out=lp_out)
 
@@ -174,8 +177,8 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, *, with_ref: 
             scale *= n_tok / max(totals["tokens"], 1.0)
         elif grpo.agg == "seq_mean_token_sum_norm":
             norm_len = grpo.max_response_length * totals["seqs"]
-        head = grpo_head(grpo, targets, old, adv, mask, ref, batch.seq_ids[index], norm_len, int(totals["seqs"]),
-                         ctx.kernels_impl, lp_out, raw_out)
+        head = grpo_head(grpo, targets, old, adv, mask, ref, batch.seq_ids[index], norm_len,
+                         int(totals["seqs"]), ctx.kernels_impl, lp_out, raw_out)
         with ctx.autocast():
             loss, stats = ctx.policy(batch, head, index)
         (loss * scale).backward()
@@ -198,7 +201,8 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, *, with_ref: 
         sched.step()
     opt.zero_grad(set_to_none=True)
     sums = dist.reduce_sums(sums)
-    return {"train/loss": sums.pop("loss"), **{f"actor/{name}": v / totals["tokens"] for name, v in sums.items()},
+    return {"train/loss": sums.pop("loss"),
+            **{f"actor/{name}": v / totals["tokens"] for name, v in sums.items()},
             "train/grad_norm": grad_norm, "train/lr": lr, "finite": finite}
 
 
@@ -247,7 +251,8 @@ def generate(ctx: StageContext, prompts: list, step: int, timer: Timer) -> Gener
     return out
 
 
-def score(ctx: StageContext, prompts: list, completions: list[Completion], guard: BadStepGuard, step: int) -> Scored:
+def score(ctx: StageContext, prompts: list, completions: list[Completion], guard: BadStepGuard,
+          step: int) -> Scored:
     """Rewards (+ DAPO's overlong penalty) → group advantages → the groups worth training on. A reward
     function returning NaN/inf (or an overflowing penalty) would poison every update of the step: such a
     step keeps no group (the guard counts it)."""
@@ -272,7 +277,8 @@ def score(ctx: StageContext, prompts: list, completions: list[Completion], guard
     return Scored(scores, lengths, rollouts, finite)
 
 
-def fill_logprobs(ctx: StageContext, rollouts: list[Rollout], ref_policy, plan: StepPlan, timer: Timer) -> None:
+def fill_logprobs(ctx: StageContext, rollouts: list[Rollout], ref_policy, plan: StepPlan,
+                  timer: Timer) -> None:
     """The old policy's log-probs (unless on-policy: the update's own forward gives them) and the
     reference's (for the KL term), in place."""
     grpo = ctx.cfg.grpo
@@ -314,7 +320,8 @@ def train(ctx: StageContext, scored: Scored, opt, sched, plan: StepPlan, guard: 
     return stats
 
 
-def rollout_metrics(ctx: StageContext, generated: Generated, scored: Scored, n_prompts: int) -> dict[str, float]:
+def rollout_metrics(ctx: StageContext, generated: Generated, scored: Scored,
+                    n_prompts: int) -> dict[str, float]:
     """Global means over all ranks of the step's rewards, lengths and the engine-vs-trainer log-prob gap."""
     diff_sum, diff_n = 0.0, 0
     for r in scored.rollouts:
@@ -350,9 +357,11 @@ def run_grpo(ctx: StageContext) -> None:
     skips = SkipCounter()
     guard = ctx.bad_step_guard()
     checkpointer = Checkpointer(ctx, opt, sched, skips, guard)
-    validator = Validator(ctx, val_table, every=grpo.val_every, temperature=grpo.val_temperature, n=grpo.val_n)
+    validator = Validator(ctx, val_table, every=grpo.val_every, temperature=grpo.val_temperature,
+                          n=grpo.val_n)
     start = checkpointer.resume()
-    plan = StepPlan(with_ref=grpo.kl_coef > 0, on_policy=updates_per_step == 1, with_raw=grpo.temperature != 1.0)
+    plan = StepPlan(with_ref=grpo.kl_coef > 0, on_policy=updates_per_step == 1,
+                    with_raw=grpo.temperature != 1.0)
     ref_policy = ctx.reference_policy() if plan.with_ref else None
     log.info("grpo: %d steps, %d prompts x %d responses, %d update(s) per step, kl_coef %g%s, from step %d",
              grpo.steps, grpo.rollout_batch_size, grpo.n, updates_per_step, grpo.kl_coef,
@@ -371,10 +380,12 @@ def run_grpo(ctx: StageContext) -> None:
         fill_logprobs(ctx, scored.rollouts, ref_policy, plan, timer)
         train_stats = train(ctx, scored, opt, sched, plan, guard, step, timer)
         # the next step's sync pushes the new weights to the engine
-        tokens = dist.reduce_sums({"tokens": sum(r.sample.input_ids.numel() for r in scored.rollouts)})["tokens"]
+        tokens = dist.reduce_sums({"tokens": sum(r.sample.input_ids.numel() for r
+                                                 in scored.rollouts)})["tokens"]
         dt = time.perf_counter() - t0
         row = {**rollout_metrics(ctx, generated, scored, len(prompts)), **train_stats,
-               "train/skipped_steps": guard.skipped, **skips.metrics(), **timer.times, **generated.engine_memory, "perf/tokens_per_s": tokens / dt, "time/step": dt,
+               "train/skipped_steps": guard.skipped, **skips.metrics(), **timer.times,
+               **generated.engine_memory, "perf/tokens_per_s": tokens / dt, "time/step": dt,
                "mem/peak_gb": peak_memory_gb(ctx.device)}
         if step % grpo.log_every == 0 or last:
             ctx.metrics.log("grpo", step, row)

@@ -45,7 +45,8 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise ImportError("log.tensorboard = true needs tensorboard: pip install 'rlcs-fast[tensorboard]'") from e
+                raise ImportError("log.tensorboard = true needs tensorboard: pip install "
+                                  "'rlcs-fast[tensorboard]'") from e
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         if wandb_project:
             try:
@@ -96,7 +97,8 @@ class MetricsLogger:
 
     def update_bar(self, postfix: dict[str, Any]) -> None:
         if self._bar is not None:
-            self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+            self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k,
+                                   v in postfix.items()},
                                   refresh=False)
             self._bar.update(1)
 

@@ -53,7 +53,8 @@ def load_model(path: str, *, attention: str = "auto", device: torch.device | str
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
     except OSError as e:
-        raise OSError(f"model.path = {path!r} could not be loaded ({e}); give a local Hugging Face directory, "
+        raise OSError(f"model.path = {path!r} could not be loaded ({e}); give a local Hugging Face "
+                      "directory, "
                       "a hub id reachable from this machine, or \"tiny\".") from e
     backend = apply_attention(model, select_attention(attention))
     if freeze_vision:
@@ -102,7 +103,8 @@ def check_cpu_offload(cpu_offload: bool, device: torch.device) -> None:
     if cpu_offload and device.type != "cuda":
         from .config import ConfigError
 
-        raise ConfigError(f"config key `model.cpu_offload` = true needs a CUDA device, but this run is on {device.type}: "
+        raise ConfigError("config key `model.cpu_offload` = true needs a CUDA device, but this run is on "
+                          f"{device.type}: "
                           "set `--model.cpu_offload false` (on the CPU the model is in CPU memory already).")
 
 
@@ -159,7 +161,8 @@ def apply_fsdp(policy: Policy, *, mixed_precision: bool, cpu_offload: bool = Fal
 
 
 def hf_weight_names(model: Qwen2_5_VLForConditionalGeneration) -> dict[str, str]:
-    """State-dict name → the name `save_pretrained` writes to disk, in state-dict order, tied aliases left out.
+    """State-dict name → the name `save_pretrained` writes to disk, in state-dict order, tied aliases left
+    out.
 
     transformers 5 names modules `model.language_model.*` / `model.visual.*` but writes checkpoints in
     the original layout (`model.*`, `visual.*`) that the public Qwen2.5-VL repos and vLLM use; its own
@@ -237,7 +240,8 @@ def export_hf(policy: Policy, processor, out_dir: str | Path, *, max_shard_bytes
             index = {"metadata": {"total_size": sum(sizes.values()),
                                   "total_parameters": sum(sd[k].numel() for k in names)},
                      "weight_map": {names[k]: f for f, shard in zip(files, shards) for k in shard}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2,
+                                                                         sort_keys=True) + "\n")
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__.removeprefix("FSDP")]
         config.dtype = str(sd[next(iter(names))].dtype).removeprefix("torch.")

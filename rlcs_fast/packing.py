@@ -290,7 +290,8 @@ def forward_hidden(model: nn.Module, batch: PackedBatch, *, touch_vision: bool |
     for one whose had none (EasyR1 does the same). Default: on when torch.distributed runs >1 rank."""
     n = batch.num_tokens
     assert batch.position_ids.shape == (4, 1, n), (
-        f"packed position_ids must be [4, 1, {n}] (text row + 3 mrope rows), got {tuple(batch.position_ids.shape)}: "
+        f"packed position_ids must be [4, 1, {n}] (text row + 3 mrope rows), got "
+        f"{tuple(batch.position_ids.shape)}: "
         "with 2-D or 3-row positions transformers silently attends across packed sequences"
     )
     assert batch.input_ids.shape == (1, n), f"input_ids must be [1, L], got {tuple(batch.input_ids.shape)}"

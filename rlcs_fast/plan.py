@@ -110,8 +110,10 @@ def load_model_config(path: str, *, key: str = "model.path"):
             raise ConfigError(f"config key `{key}` = {path!r}: not a local directory, not in the local "
                               f"cache, and the hub is unreachable ({offline}). Give a local Hugging Face "
                               "directory, or run where the hub is reachable.") from e
-        raise ConfigError(f"config key `{key}` = {path!r}: could not read its config.json ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}). Give a local Hugging Face directory, a "
+        raise ConfigError(f"config key `{key}` = {path!r}: could not read its config.json "
+                          f"({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}). Give a local Hugging Face "
+                          "directory, a "
                           "hub id reachable from this machine, or \"tiny\".") from e
 
 
@@ -204,7 +206,8 @@ def check_data(source: str, split: str, *, key: str, kind: str, columns, seed: i
                 first = next(iter(ds.take(1)), None)
             except Exception as e:  # any failure of the hub or of the files behind it
                 raise ConfigError(f"config key `{key}` = {source!r}: the hub is unreachable or the split "
-                                  f"{split!r} does not exist ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                                  f"{split!r} does not exist ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}). "
                                   "Use a local parquet/JSONL path, or run where the hub is reachable.") from e
             out.columns = list(first.keys()) if first is not None else list(ds.column_names or [])
             info = ds.info.splits.get(split) if ds.info and ds.info.splits else None
@@ -240,13 +243,16 @@ def batch_plan(cfg: Config, stage: str, world: int, train_rows: int | None) -> d
                 "sequences per rank per step": math.ceil(s.global_batch_size / world),
                 "optimizer updates per step": 1, "micro-batch token budget": s.max_tokens_per_microbatch,
                 "max tokens per sequence": cfg.data.max_length, "steps per epoch": steps_per_epoch,
-                "steps": steps, "epochs": s.epochs if not s.steps else (s.steps / steps_per_epoch if steps_per_epoch else None)}
+                "steps": steps,
+                "epochs": s.epochs if not s.steps
+                else (s.steps / steps_per_epoch if steps_per_epoch else None)}
     g = cfg.grpo
     steps_per_epoch = math.ceil(train_rows / g.rollout_batch_size) if train_rows else None
     return {"prompts per step": g.rollout_batch_size, "responses per step": g.rollout_batch_size * g.n,
             "prompts per rank per step": math.ceil(g.rollout_batch_size / world),
             "optimizer updates per step": g.epochs * (g.rollout_batch_size // g.mini_batch_size),
-            "responses per update": g.mini_batch_size * g.n, "micro-batch token budget": g.max_tokens_per_microbatch,
+            "responses per update": g.mini_batch_size * g.n,
+            "micro-batch token budget": g.max_tokens_per_microbatch,
             "max tokens per sequence": g.max_prompt_length + g.max_response_length,
             "steps per epoch": steps_per_epoch, "steps": g.steps,
             "epochs": g.steps / steps_per_epoch if steps_per_epoch else None}
@@ -327,11 +333,13 @@ def micro_step_bytes(arch: ModelArch, *, stage: str, world: int, tokens: int, pa
 
 def memory_plan(arch: ModelArch, cfg: Config, stage: str, world: int, gpu_gib: float) -> dict[str, float]:
     """Per-GPU GiB by component (see the module docstring and :func:`micro_step_bytes`)."""
-    trainable = arch.total_params - (arch.vision_params - arch.merger_params if cfg.model.freeze_vision else 0)
+    trainable = arch.total_params - (arch.vision_params - arch.merger_params
+                                     if cfg.model.freeze_vision else 0)
     if stage == "sft":
         budget, seq_len = cfg.sft.max_tokens_per_microbatch, cfg.data.max_length
     else:
-        budget, seq_len = cfg.grpo.max_tokens_per_microbatch, cfg.grpo.max_prompt_length + cfg.grpo.max_response_length
+        budget = cfg.grpo.max_tokens_per_microbatch
+        seq_len = cfg.grpo.max_prompt_length + cfg.grpo.max_response_length
     image_tokens = min(cfg.data.max_pixels // MERGED_PATCH_PIXELS, seq_len)
     patches = budget * image_tokens / seq_len * arch.merge_size**2
     cb = 4 if cfg.model.dtype == "float32" else 2
@@ -417,7 +425,8 @@ def build_plan(cfg: Config, *, world: int | None = None, gpu_gib: float | None =
     for key, source, split, size in (("data.train", d.train, d.train_split, d.synthetic_train_size),
                                      ("data.val", d.val, d.val_split, d.synthetic_val_size)):
         kind = "sft" if cfg.run.stages == ["sft"] else "rl"
-        c = check_data(source, split, key=key, kind=kind, columns=columns, seed=cfg.run.seed, synthetic_size=size)
+        c = check_data(source, split, key=key, kind=kind, columns=columns, seed=cfg.run.seed,
+                       synthetic_size=size)
         checks.append(c)
         rows[key] = c.rows
     batches, memory = {}, {}
@@ -449,12 +458,15 @@ def format_plan(plan: Plan, cfg: Config) -> str:
         lines.append(f"  ERROR {plan.model_error}")
     else:
         lines += [
-            f"  text: {a.layers} layers, hidden {a.hidden}, heads {a.heads} (kv {a.kv_heads}, head dim {a.head_dim}), "
+            f"  text: {a.layers} layers, hidden {a.hidden}, heads {a.heads} (kv {a.kv_heads}, head dim "
+            f"{a.head_dim}), "
             f"MLP {a.intermediate}, vocab {a.vocab}, embeddings {'tied' if a.tied else 'untied'}",
             f"  vision: {a.vision_depth} blocks, hidden {a.vision_hidden}, heads {a.vision_heads}, MLP "
-            f"{a.vision_intermediate}, patch {a.patch_size}, merge {a.merge_size}x{a.merge_size}, out {a.vision_out}"
+            f"{a.vision_intermediate}, patch {a.patch_size}, merge {a.merge_size}x{a.merge_size}, out "
+            f"{a.vision_out}"
             f"{' (blocks frozen, merger trained)' if cfg.model.freeze_vision else ''}",
-            f"  parameters (from the config): {a.total_params:,} = text {a.text_params:,} + vision {a.vision_params:,}"
+            f"  parameters (from the config): {a.total_params:,} = text {a.text_params:,} + vision "
+            f"{a.vision_params:,}"
             f" ({a.total_params / 1e9:.2f}B)"]
     lines.append("")
     lines.append("== data")
@@ -473,7 +485,8 @@ def format_plan(plan: Plan, cfg: Config) -> str:
         lines += ["", f"== memory per GPU ({stage}), GiB, FSDP2 over N ranks; "
                       f"activation checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}"]
         worlds = list(by_world)
-        lines.append("  " + f"{'component':46s}" + "".join(f"{'N=' + str(w) + ('*' if w == plan.world else ''):>12s}" for w in worlds))
+        lines.append("  " + f"{'component':46s}"
+                     + "".join(f"{'N=' + str(w) + ('*' if w == plan.world else ''):>12s}" for w in worlds))
         for comp in by_world[worlds[0]]:
             fmt = (lambda v: f"{v:12,.0f}") if "tokens" in comp else (lambda v: f"{v:12.2f}")
             lines.append(f"  {comp:46s}" + "".join(fmt(by_world[w][comp]) for w in worlds))

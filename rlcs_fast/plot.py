@@ -19,7 +19,8 @@ STAGE_ORDER = ("sft", "grpo")
 # group (file name) -> (title, y label, metrics drawn)
 GROUPS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "loss": ("Loss", "nats / token", ("train/loss", "val/loss")),
-    "reward": ("Reward (train rollouts)", "mean reward", ("reward/overall", "reward/accuracy", "reward/format")),
+    "reward": ("Reward (train rollouts)", "mean reward",
+               ("reward/overall", "reward/accuracy", "reward/format")),
     "accuracy": ("Accuracy: train reward and validation", "accuracy", ("reward/accuracy", "val/accuracy")),
     "kl": ("KL to the reference policy", "KL (per token)", ("actor/kl",)),
     "entropy": ("Policy entropy", "nats / token", ("actor/entropy",)),
@@ -51,7 +52,8 @@ def stage_offsets(rows: list[dict[str, Any]]) -> dict[str, int]:
     return offsets
 
 
-def series(rows: list[dict[str, Any]], key: str, offsets: dict[str, int]) -> dict[str, tuple[list[int], list[float]]]:
+def series(rows: list[dict[str, Any]], key: str,
+           offsets: dict[str, int]) -> dict[str, tuple[list[int], list[float]]]:
     """Per stage, (global steps, values) of one metric; non-numeric values (e.g. "nan") are dropped."""
     out: dict[str, tuple[list[int], list[float]]] = {}
     for r in rows:
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/plots)")
     args = p.parse_args(argv)
     if not (Path(args.run_dir) / "metrics.jsonl").is_file():
-        print(f"rlcs_fast.plot: {args.run_dir!r} has no metrics.jsonl (give a run directory, run.dir)", file=sys.stderr)
+        print(f"rlcs_fast.plot: {args.run_dir!r} has no metrics.jsonl (give a run directory, run.dir)",
+              file=sys.stderr)
         return 2
     try:
         paths = plot_run(args.run_dir, args.out)

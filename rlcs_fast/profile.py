@@ -9,7 +9,8 @@ A step is what the SFT stage runs (``rlcs_fast.sft``): one packed micro-batch of
 sequence the answer the loss covers) → ``Policy`` forward to hidden states → fused log-prob head → backward
 → gradient clip + AdamW (fp32 master weights, bf16 autocast on a GPU, as the trainer). Each phase is timed
 between device synchronisations; the first ``--warmup`` steps (Triton autotuning, allocator growth) are not
-counted, then the median of ``--steps`` steps is reported with the peak of ``torch.cuda.max_memory_allocated``.
+counted, then the median of ``--steps`` steps is reported with the peak of
+``torch.cuda.max_memory_allocated``.
 
 ``--layers K`` builds only K of the decoder layers (the vision tower keeps its full depth), so that a model
 whose fp32 AdamW state does not fit one GPU (7B: 16 B/param, 133 GB) can still be measured. The report then
@@ -47,19 +48,22 @@ REPO = Path(__file__).resolve().parent.parent
 
 # config.json of Qwen/Qwen2.5-VL-3B-Instruct and Qwen/Qwen2.5-VL-7B-Instruct (the values that set shapes).
 RELEASED: dict[str, dict[str, Any]] = {
-    "3b": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+    "3b": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+           "num_attention_heads": 16,
            "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True, "vision_out": 2048},
-    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+           "num_attention_heads": 28,
            "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False, "vision_out": 3584},
 }
 # Both share the vision tower (675M parameters) and the special token ids of the Qwen2.5 tokenizer.
-RELEASED_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
-                   "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+RELEASED_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                   "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
                    "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2}
 RELEASED_IDS = {"bos": 151643, "eos": 151645, "vision_start": 151652, "vision_end": 151653, "image": 151655,
                 "video": 151656}
 
-# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s; matched on the device name.
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s; matched on the device
+# name.
 PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
     ("H200", 989.4), ("GH200", 989.4), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4),
     ("H800", 989.4), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10G", 70.0),
@@ -82,16 +86,20 @@ def released_config(name: str, *, layers: int | None = None):
         r = RELEASED[name]
         config = Qwen2_5_VLConfig(
             text_config=dict(
-                vocab_size=r["vocab_size"], hidden_size=r["hidden_size"], intermediate_size=r["intermediate_size"],
+                vocab_size=r["vocab_size"], hidden_size=r["hidden_size"],
+                intermediate_size=r["intermediate_size"],
                 num_hidden_layers=r["num_hidden_layers"], num_attention_heads=r["num_attention_heads"],
-                num_key_value_heads=r["num_key_value_heads"], max_position_embeddings=128000, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                num_key_value_heads=r["num_key_value_heads"], max_position_embeddings=128000,
+                rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                 "mrope_section": [16, 24, 24]},
                 tie_word_embeddings=r["tie_word_embeddings"], bos_token_id=RELEASED_IDS["bos"],
                 eos_token_id=RELEASED_IDS["eos"], hidden_act="silu"),
-            vision_config=dict(RELEASED_VISION, out_hidden_size=r["vision_out"], in_channels=3, hidden_act="silu"),
+            vision_config=dict(RELEASED_VISION, out_hidden_size=r["vision_out"], in_channels=3,
+                               hidden_act="silu"),
             image_token_id=RELEASED_IDS["image"], video_token_id=RELEASED_IDS["video"],
-            vision_start_token_id=RELEASED_IDS["vision_start"], vision_end_token_id=RELEASED_IDS["vision_end"],
-            tie_word_embeddings=r["tie_word_embeddings"])
+            vision_start_token_id=RELEASED_IDS["vision_start"],
+            vision_end_token_id=RELEASED_IDS["vision_end"], tie_word_embeddings=r["tie_word_embeddings"])
     if layers is not None:
         full = config.text_config.num_hidden_layers
         if not 1 <= layers <= full:
@@ -107,7 +115,8 @@ def released_config(name: str, *, layers: int | None = None):
 def git_revision(repo: Path = REPO) -> str | None:
     """``<commit>`` (``+dirty`` when the tree has changes), or None outside a checkout."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                             text=True, timeout=10)
         if rev.returncode != 0:
             return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
@@ -150,8 +159,8 @@ def sync(device: torch.device) -> None:
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float:
-    """Best rate of a square ``torch.mm`` on ``device`` over ``reps`` runs (random data, never zeros): a ceiling,
-    so the fastest run, not the median."""
+    """Best rate of a square ``torch.mm`` on ``device`` over ``reps`` runs (random data, never zeros): a
+    ceiling, so the fastest run, not the median."""
     if device.type == "cpu":
         n, reps = 1024, 5
     g = torch.Generator(device=device).manual_seed(0)
@@ -176,7 +185,8 @@ def peak_tflops(device: torch.device, override: float | None, dtype: torch.dtype
         for key, tflops in PEAK_BF16_TFLOPS:
             if key in name:
                 return tflops, f"datasheet dense bf16 ({key})"
-    return matmul_tflops(device, dtype), f"measured torch.mm {str(dtype).removeprefix('torch.')} (device not in the table)"
+    source = f"measured torch.mm {str(dtype).removeprefix('torch.')} (device not in the table)"
+    return matmul_tflops(device, dtype), source
 
 
 # --- the step --------------------------------------------------------------------------------------------
@@ -210,8 +220,8 @@ def synthetic_batch(config, *, tokens: int, seq_len: int, image_tokens: int, see
         else:
             text = torch.randint(0, text_hi, (length - n_img - 2,), generator=g)
             ids = torch.cat([text[:prompt_len], torch.tensor([config.vision_start_token_id]),
-                             torch.full((n_img,), config.image_token_id), torch.tensor([config.vision_end_token_id]),
-                             text[prompt_len:]])
+                             torch.full((n_img,), config.image_token_id),
+                             torch.tensor([config.vision_end_token_id]), text[prompt_len:]])
             target = torch.zeros(length, dtype=torch.bool)
             target[prompt_len + n_img + 2:] = True
             pixels = torch.randn(n_img * merge**2, patch_values, generator=g)
@@ -241,15 +251,18 @@ def _build(config, device: torch.device, *, grad_ckpt: bool, seed: int):
 
 def profile_train(config, device: torch.device, *, tokens: int, seq_len: int, image_tokens: int, steps: int,
                   warmup: int, grad_ckpt: bool, kernels_impl: str, seed: int = 0) -> dict[str, Any]:
-    """Times (s, median over ``steps``) of forward / backward / optimizer and peak memory of one packed step."""
+    """Times (s, median over ``steps``) of forward / backward / optimizer and peak memory of one packed
+    step."""
     from .sft import sft_loss_fn
     from .trainer_utils import clip_grad_norm
 
     policy, opt, backend = _build(config, device, grad_ckpt=grad_ckpt, seed=seed)
-    batch = synthetic_batch(config, tokens=tokens, seq_len=seq_len, image_tokens=image_tokens, seed=seed).to(device)
+    batch = synthetic_batch(config, tokens=tokens, seq_len=seq_len, image_tokens=image_tokens,
+                            seed=seed).to(device)
     n_loss = int(batch.num_loss_tokens)
     head = sft_loss_fn(batch.targets[batch.loss_mask], 1.0 / max(n_loss, 1), kernels_impl)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    autocast = (torch.autocast("cuda",
+                               dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
     phase_peak = dict.fromkeys(phases, 0.0)  # GiB, max over the measured steps
     losses = []
@@ -360,7 +373,8 @@ def profile_rollout(config, device: torch.device, *, prompts: int, n: int, promp
         config.save_pretrained(tmp)
         build_processor().save_pretrained(tmp)
         t0 = time.perf_counter()
-        engine = VLLMEngine(tmp, gpu_memory_utilization=gpu_memory_utilization, max_model_len=prompt_len + response_len,
+        engine = VLLMEngine(tmp, gpu_memory_utilization=gpu_memory_utilization,
+                            max_model_len=prompt_len + response_len,
                             enable_prefix_caching=False, load_format="dummy", seed=seed, eos_token_id=None)
         times["init"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -371,7 +385,9 @@ def profile_rollout(config, device: torch.device, *, prompts: int, n: int, promp
         del model
         mem_awake = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
         t0 = time.perf_counter()
-        completions = engine.generate(requests, SamplingParams(n=n, temperature=1.0, max_tokens=response_len, seed=seed))
+        completions = engine.generate(requests,
+                                      SamplingParams(n=n, temperature=1.0,
+                                                     max_tokens=response_len, seed=seed))
         sync(device)
         times["generate"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -379,7 +395,8 @@ def profile_rollout(config, device: torch.device, *, prompts: int, n: int, promp
         sync(device)
         times["sleep"] = time.perf_counter() - t0
     generated = sum(len(c.response_ids) for c in completions)
-    return {"time_s": times, "decoder_layers": config.text_config.num_hidden_layers,  # --layers: not full depth
+    return {"time_s": times,
+            "decoder_layers": config.text_config.num_hidden_layers,  # --layers: not full depth
             "prompts": prompts, "n": n, "prompt_len": prompt_len, "max_response_len": response_len,
             "generated_tokens": generated, "generate_tokens_per_s": generated / times["generate"],
             "memory_allocated_awake_gib": mem_awake}
@@ -408,8 +425,8 @@ def memory_budget(model: str, *, gpus: int, gpu_mem: float, tokens: int | None =
     from .plan import memory_plan, model_arch
 
     arch = model_arch(released_config(model))
-    out: dict[str, Any] = {"model": model, "gpus": gpus, "gpu_mem_gib": gpu_mem, "parameters": arch.total_params,
-                           "stages": {}}
+    out: dict[str, Any] = {"model": model, "gpus": gpus, "gpu_mem_gib": gpu_mem,
+                           "parameters": arch.total_params, "stages": {}}
     for stage in ("sft", "grpo"):
         path = cfg_path or plan_config_path(model, stage)
         overrides: dict[str, Any] = {"run.stages": [stage]}
@@ -425,8 +442,9 @@ def memory_budget(model: str, *, gpus: int, gpu_mem: float, tokens: int | None =
 
 def format_budget(budget: dict[str, Any]) -> str:
     stages = budget["stages"]
-    lines = [f"memory per GPU, GiB: Qwen2.5-VL-{budget['model']} ({budget['parameters'] / 1e9:.2f}B parameters), "
-             f"FSDP2 over {budget['gpus']} GPU(s) of {budget['gpu_mem_gib']:.0f} GiB (model: rlcs_fast/plan.py)"]
+    lines = [f"memory per GPU, GiB: Qwen2.5-VL-{budget['model']} ({budget['parameters'] / 1e9:.2f}B "
+             f"parameters), FSDP2 over {budget['gpus']} GPU(s) of {budget['gpu_mem_gib']:.0f} GiB "
+             "(model: rlcs_fast/plan.py)"]
     for stage, s in stages.items():
         lines.append(f"  {stage}: {s['config']}, {s['token_budget']:,} tokens per micro-batch, activation "
                      f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}")
@@ -460,9 +478,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m rlcs_fast.profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, choices=["tiny", *RELEASED])
     p.add_argument("--layers", type=int, default=None, help="decoder layers to build (default: all)")
-    p.add_argument("--tokens", type=int, default=None, help="tokens in the packed micro-batch (default: 16384; tiny 512)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per packed sequence (default 4096; tiny 128)")
-    p.add_argument("--image-tokens", type=int, default=None, help="merged image tokens per sequence (default 576; tiny 16)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens in the packed micro-batch (default: 16384; tiny 512)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per packed sequence (default 4096; tiny 128)")
+    p.add_argument("--image-tokens", type=int, default=None,
+                   help="merged image tokens per sequence (default 576; tiny 16)")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="measured steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="steps run before measuring (autotuning, allocator)")
@@ -482,7 +503,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--plan", action="store_true", help="print the per-GPU memory budget instead of measuring")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU, for --plan")
-    p.add_argument("--cfg", default=None, help="config to size --plan against (default: configs/<stage>_<model>.toml)")
+    p.add_argument("--cfg", default=None,
+                   help="config to size --plan against (default: configs/<stage>_<model>.toml)")
     return p.parse_args(argv)
 
 
@@ -492,7 +514,8 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     image_tokens = args.image_tokens if args.image_tokens is not None else image_tokens
     ckpt = ckpt if args.grad_ckpt is None else args.grad_ckpt
     if args.gpus != 1:
-        raise SystemExit("rlcs_fast.profile measures one GPU (--gpus 1); for the per-GPU memory of N GPUs under "
+        raise SystemExit("rlcs_fast.profile measures one GPU (--gpus 1); for the per-GPU memory of N GPUs "
+                         "under "
                          "FSDP2 use --plan --gpus N")
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -505,7 +528,8 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     full = released_config(args.model).text_config.num_hidden_layers
     layers = args.layers or full
     if layers < full and layers < 2:
-        raise SystemExit("--layers must be ≥ 2 below full depth: the full-depth figures are fitted from two depths")
+        raise SystemExit("--layers must be ≥ 2 below full depth: the full-depth figures are fitted from two "
+                         "depths")
     kw = dict(tokens=tokens, seq_len=seq_len, image_tokens=image_tokens, steps=args.steps, warmup=args.warmup,
               grad_ckpt=ckpt, kernels_impl=args.kernels, seed=args.seed)
     config = released_config(args.model, layers=layers)
@@ -519,7 +543,8 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {"tokens": tokens, "seq_len": seq_len, "image_tokens_per_sequence": image_tokens,
                      "layers_built": layers, "layers_full": full, "gradient_checkpointing": ckpt,
                      "kernels": args.kernels, "steps": args.steps, "warmup": args.warmup,
-                     "precision": "bf16 autocast, fp32 master weights and AdamW" if device.type == "cuda" else "fp32"},
+                     "precision": "bf16 autocast, fp32 master weights and AdamW" if device.type == "cuda"
+                     else "fp32"},
         "peak_tflops": peak, "peak_source": peak_source,
         "mfu_definition": "6 * parameters * tokens / step time / peak_tflops",
         "train": train,
@@ -534,14 +559,16 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         scaled = scale_to_depth(train, shallow, layers, 1, full)
         scaled.update(throughput(scaled["time_s"]["step"], train["tokens"], scaled["parameters"], peak))
         report["scaled_to_full_depth"] = scaled
-    want_rollout = args.rollout == "on" or (args.rollout == "auto" and device.type == "cuda" and vllm_available())
+    want_rollout = args.rollout == "on" or (args.rollout == "auto" and device.type == "cuda"
+                                            and vllm_available())
     if want_rollout:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         report["rollout"] = profile_rollout(config, device, prompts=args.rollout_prompts, n=args.rollout_n,
                                             prompt_len=args.prompt_len, response_len=args.response_len,
-                                            gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+                                            gpu_memory_utilization=args.gpu_memory_utilization,
+                                            seed=args.seed)
     else:
         report["rollout"] = {"skipped": "vLLM is not installed (pip install 'rlcs-fast[vllm]')"
                              if not vllm_available() else "no GPU, or --rollout off"}
@@ -557,20 +584,23 @@ def summary(report: dict[str, Any]) -> str:
     def row(label: str, r: dict[str, Any], mem: float | None) -> str:
         ts = r["time_s"]
         return (f"  {label:28s} step {ts['step'] * 1e3:9.1f} ms (fwd {ts['forward'] * 1e3:.1f}, bwd "
-                f"{ts['backward'] * 1e3:.1f}, opt {ts['optimizer'] * 1e3:.1f})  {r['tokens_per_s']:10,.0f} tok/s  "
+                f"{ts['backward'] * 1e3:.1f}, opt {ts['optimizer'] * 1e3:.1f})  {r['tokens_per_s']:10,.0f} "
+                "tok/s  "
                 f"MFU {r['mfu']:.1%}  peak {'-' if mem is None else f'{mem:.1f} GiB'}")
 
     lines.append(row("measured", t, t["memory"]["peak_gib"]))
     if "scaled_to_full_depth" in report:
         sc = report["scaled_to_full_depth"]
-        lines.append(row(f"scaled to {sc['layers']} layers (est.)", sc | {"tokens": t["tokens"]}, sc["peak_memory_gib"]))
+        lines.append(row(f"scaled to {sc['layers']} layers (est.)", sc | {"tokens": t["tokens"]},
+                         sc["peak_memory_gib"]))
     ro = report["rollout"]
     if "skipped" in ro:
         lines.append(f"  rollout: skipped ({ro['skipped']})")
     else:
         lines.append(f"  rollout ({ro.get('decoder_layers', s['layers_built'])} layers, not scaled): "
                      f"{ro['generated_tokens']:,} tokens in {ro['time_s']['generate']:.2f} s "
-                     f"({ro['generate_tokens_per_s']:,.0f} tok/s), weight sync {ro['time_s']['wake_and_weight_sync']:.2f} s")
+                     f"({ro['generate_tokens_per_s']:,.0f} tok/s), weight sync "
+                     f"{ro['time_s']['wake_and_weight_sync']:.2f} s")
     lines.append(f"  MFU against {report['peak_tflops']:.1f} TFLOP/s ({report['peak_source']})")
     return "\n".join(lines)
 
@@ -578,7 +608,8 @@ def summary(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.plan:
-        report = memory_budget(args.model, gpus=args.gpus, gpu_mem=args.gpu_mem, tokens=args.tokens, cfg_path=args.cfg)
+        report = memory_budget(args.model, gpus=args.gpus, gpu_mem=args.gpu_mem, tokens=args.tokens,
+                               cfg_path=args.cfg)
         print(format_budget(report))
     else:
         report = run_profile(args)

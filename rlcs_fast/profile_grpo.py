@@ -177,7 +177,8 @@ def profile_grpo(
             rollouts = build_rollouts(requests, completions, advantages, n)
         with _phase(times, peaks, "old_logprobs_forward", device):  # what the on-policy update no longer runs
             compute_logprobs(
-                policy, rollouts, ctx=ctx, max_tokens=grpo.max_tokens_per_microbatch, temperature=grpo.temperature
+                policy, rollouts, ctx=ctx, max_tokens=grpo.max_tokens_per_microbatch,
+                temperature=grpo.temperature
             )
         with _phase(times, peaks, "train", device):
             stats = update(ctx, rollouts, opt, sched, with_ref=False, on_policy=True)

@@ -24,7 +24,8 @@ Untrusted input. Model output must never reach ``eval``/``exec``. Where the chec
   normalizers and calls ``parse_expr`` only on text that :func:`_safe_for_sympy_parse` accepts: digits,
   ``. + - * / ^ ( )``, spaces, single-letter symbols and the words ``sqrt`` and ``pi`` (no other
   identifier, so nothing can name a builtin, attribute or sympy function; a dot only as a decimal
-  point; no quotes, underscores, brackets, ``**``), at most 256 characters, numeric exponents whose product is at most 10**4.
+  point; no quotes, underscores, brackets, ``**``), at most 256 characters, numeric exponents whose
+  product is at most 10**4.
 - ``math_verify.parse`` with its default ``ExprExtractionConfig`` calls ``parse_expr`` as well. We only
   ever pass ``LatexExtractionConfig``, whose path is the ANTLR grammar of latex2sympy2_extended: it
   builds sympy objects from tokens; the only text it hands to sympy's parser is ``sympy.Number(text)``
@@ -313,7 +314,8 @@ def load_reward_function(
         match = _PLUGIN_SPEC.fullmatch(spec) if isinstance(spec, str) else None
         if match is None:
             raise ValueError(
-                f"reward.function must be 'module:function' (e.g. 'my_rewards.math:compute_score'), got {spec!r}"
+                "reward.function must be 'module:function' (e.g. 'my_rewards.math:compute_score'), got "
+                f"{spec!r}"
             )
         module_name, attr_path = match.groups()
         try:

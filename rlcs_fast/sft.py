@@ -90,7 +90,8 @@ def run_sft(ctx: StageContext) -> None:
     # generation uses the GRPO stage's validation settings, so the two stages' val rows compare
     validator = Validator(ctx, val_table, every=sft.val_every, temperature=cfg.grpo.val_temperature,
                           n=cfg.grpo.val_n, generate=sft.val_generate,
-                          loss=lambda: val_loss(ctx, encoder, val_table, sft.max_tokens_per_microbatch, skips))
+                          loss=lambda: val_loss(ctx, encoder, val_table,
+                                                sft.max_tokens_per_microbatch, skips))
     start = checkpointer.resume()
     log.info("sft: %d steps of %d sequences (%d train rows, %d val rows), lr %.3g, from step %d",
              total_steps, sft.global_batch_size, len(train_table), len(val_table), ctx.lr, start)
@@ -98,7 +99,8 @@ def run_sft(ctx: StageContext) -> None:
     for step in range(start + 1, total_steps + 1):
         last = step == total_steps
         t0 = time.perf_counter()
-        samples = ctx.step_batch(train_table, step, sft.global_batch_size, lambda row, i: encoder.sft(row), skips)
+        samples = ctx.step_batch(train_table, step, sft.global_batch_size, lambda row,
+                                 i: encoder.sft(row), skips)
         out = run_step(ctx, samples, sft.max_tokens_per_microbatch)
         grad_norm = clip_grad_norm(ctx.policy, cfg.optim.grad_clip)
         lr = sched.get_last_lr()[0]

@@ -73,7 +73,8 @@ class StageContext:
                preemption: Preemption | None = None) -> StageContext:
         ctx = cls(cfg, stage, init_path, rank, world, device, metrics, engines, preemption)
         check_cpu_offload(cfg.model.cpu_offload, device)
-        ctx.processor = load_processor(init_path, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+        ctx.processor = load_processor(init_path, min_pixels=cfg.data.min_pixels,
+                                       max_pixels=cfg.data.max_pixels)
         # offloaded: fully_shard moves one layer at a time through the GPU, the whole model never is there
         model, ctx.attention = load_model(init_path, attention=cfg.model.attention,
                                           device="cpu" if cfg.model.cpu_offload else device,

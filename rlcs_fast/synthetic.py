@@ -107,10 +107,12 @@ def _sample_item(
     kind = rng.choice(kinds)
     if kind == "color":
         asked = rng.choice(colors)
-        others, question, things = [c for c in colors if c != asked], f"How many {asked} shapes are in the image?", f"{asked} shapes"
+        others, question, things = [c for c in colors if c
+                                    != asked], f"How many {asked} shapes are in the image?", f"{asked} shapes"
     elif kind == "shape":
         asked = rng.choice(shapes)
-        others, question, things = [x for x in shapes if x != asked], f"How many {_PLURAL[asked]} are in the image?", _PLURAL[asked]
+        others, question, things = [x for x in shapes if x
+                                    != asked], f"How many {_PLURAL[asked]} are in the image?", _PLURAL[asked]
     else:
         asked, others, question, things = None, [], "How many shapes are in the image?", "shapes"
     # every image holds at least one shape; distractors need another value of the asked attribute

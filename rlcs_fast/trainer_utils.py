@@ -29,7 +29,8 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, *, lr: float, total_st
                             eps=optim.eps)
     warmup = int(round(optim.warmup_ratio * total_steps))
     if optim.schedule == "cosine":
-        sched = get_scheduler("cosine_with_min_lr", opt, num_warmup_steps=warmup, num_training_steps=total_steps,
+        sched = get_scheduler("cosine_with_min_lr", opt, num_warmup_steps=warmup,
+                              num_training_steps=total_steps,
                               scheduler_specific_kwargs={"min_lr_rate": optim.min_lr_ratio})
     else:
         sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=warmup)
@@ -46,7 +47,8 @@ def dummy_image_sample(model_config) -> Sample:
                         model_config.vision_end_token_id])
     pixels, grid = smallest_image(model_config.vision_config)
     return Sample(input_ids=ids, target_mask=torch.zeros(3, dtype=torch.bool),
-                  position_ids=mrope_positions(model_config, ids, grid), pixel_values=pixels, image_grid_thw=grid)
+                  position_ids=mrope_positions(model_config, ids, grid), pixel_values=pixels,
+                  image_grid_thw=grid)
 
 
 def plan_step(samples: list, lengths: list[int], max_tokens: int, filler) -> tuple[list[list], int]:
@@ -86,7 +88,8 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor().detach()
 
 
-def iter_full_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_full_weights(model: nn.Module,
+                      dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) one parameter at a time, in `model.state_dict()` order.
 
     Names are the HF module's own (`model.language_model.layers.0...`): FSDP2's `fully_shard` and

@@ -36,7 +36,8 @@ def val_sampling(*, n: int, temperature: float, top_p: float, max_tokens: int, s
                           max_tokens=max_tokens, seed=seed + 7919 * rank, banned_token_ids=banned_token_ids)
 
 
-def generate_and_score(engine, tokenizer, prompts: list, sampling: SamplingParams, scorer) -> list[dict[str, Any]]:
+def generate_and_score(engine, tokenizer, prompts: list, sampling: SamplingParams,
+                       scorer) -> list[dict[str, Any]]:
     """Generate ``sampling.n`` responses per prompt and score them with the reward's scorer.
 
     Returns one record per response, grouped by prompt: ``index`` (row), ``sample`` (0..n-1),

@@ -1,6 +1,7 @@
-"""The benchmark suite and the profiler stay runnable without a GPU: the CPU variant of ``pytest bench/`` passes
-(every benchmark body once, each method equal to float64 math), its JSON renders into README tables and
-plots, ``python -m rlcs_fast.profile`` measures a real tiny step, and ``--plan`` prints plan.py's budget."""
+"""The benchmark suite and the profiler stay runnable without a GPU: the CPU variant of ``pytest bench/``
+passes (every benchmark body once, each method equal to float64 math), its JSON renders into README tables
+and plots, ``python -m rlcs_fast.profile`` measures a real tiny step, and ``--plan`` prints plan.py's
+budget."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def ci_results(tmp_path_factory) -> dict:
     # `pytest`, not `python -m pytest`: the latter puts the repo root (and its `kernels/`) on sys.path
     pytest_bin = Path(sys.executable).parent / "pytest"
     proc = subprocess.run([str(pytest_bin), "bench/", "--bench-ci", "-q", "--benchmark-disable", "-p",
-                           "no:cacheprovider", "--bench-out", str(out)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+                           "no:cacheprovider", "--bench-out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
     return json.loads(out.read_text())
@@ -78,7 +79,8 @@ def test_render_writes_tables_between_markers_and_plots(ci_results, tmp_path):
     text = readme.read_text()
     assert "No GPU benchmark results yet" not in text
     assert text.count(render.BEGIN) == 1 and text.count(render.END) == 1
-    for op in ("`fused_linear_logprob`+entropy fwd+bwd", "`grpo_loss` fwd", "`fused_linear_grpo_loss` fwd+bwd"):
+    for op in ("`fused_linear_logprob`+entropy fwd+bwd", "`grpo_loss` fwd",
+               "`fused_linear_grpo_loss` fwd+bwd"):
         assert op in text
     if importlib.util.find_spec("matplotlib") is not None:
         assert len(list((tmp_path / "plots").glob("*.png"))) >= 6
@@ -98,7 +100,8 @@ def test_profile_tiny_step_reports_phases_and_scales_to_full_depth(tmp_path, cap
     assert train["parameters"] == sum(count_params(profile.released_config("tiny", layers=2)))
     scaled = report["scaled_to_full_depth"]
     # parameters are exactly linear in depth, so the two-depth fit must recover the full model's count
-    assert scaled["layers"] == 4 and scaled["parameters"] == sum(count_params(profile.released_config("tiny")))
+    assert scaled["layers"] == 4
+    assert scaled["parameters"] == sum(count_params(profile.released_config("tiny")))
     assert "estimate" in scaled["method"]
     assert report["rollout"]["skipped"] and report["environment"]["versions"]["torch"]
 

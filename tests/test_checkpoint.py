@@ -174,7 +174,8 @@ from rlcs_fast.train import main
 sys.exit(main(sys.argv[1:]))
 """
 ARGS = ["--log.progress", "false", "--run.stages", '["sft"]', "--data.synthetic_train_size", "48",
-        "--data.synthetic_val_size", "8", "--sft.global_batch_size", "8", "--sft.max_tokens_per_microbatch", "600",
+        "--data.synthetic_val_size", "8", "--sft.global_batch_size", "8",
+        "--sft.max_tokens_per_microbatch", "600",
         "--sft.val_generate", "false", "--sft.steps", "4", "--checkpoint.every", "2"]
 
 
@@ -210,7 +211,8 @@ def test_killed_mid_checkpoint_resumes_from_the_previous_one(tmp_path):
     assert checkpoint.latest_checkpoint(run / "sft" / "checkpoints").name == "step_00000002"
     assert not (run / "sft" / "DONE").exists() and not (run / "sft" / "hf").exists()
 
-    done = subprocess.run([sys.executable, "-m", "rlcs_fast.train", "--cfg", CONFIG, "--run.dir", str(run), *ARGS],
+    done = subprocess.run([sys.executable, "-m", "rlcs_fast.train", "--cfg", CONFIG, "--run.dir",
+                           str(run), *ARGS],
                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "(step 2)" in done.stderr and "resumed from" in done.stderr

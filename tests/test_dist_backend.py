@@ -16,7 +16,8 @@ import torch.distributed
 from rlcs_fast import dist
 
 PACKAGE = Path(__file__).parent.parent / "rlcs_fast"
-COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+               "reduce_scatter_tensor",
                "broadcast", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single", "send",
                "recv"}
 

@@ -25,7 +25,8 @@ CONFIG = str(Path(__file__).parent.parent / "configs" / "tiny.toml")
 # global batch 12 divides over 1, 2 and 3 ranks; 4 steps with a checkpoint every 2
 SMALL = [
     "--log.progress", "false", "--run.stages", '["sft"]', "--data.synthetic_train_size", "48",
-    "--data.synthetic_val_size", "8", "--sft.global_batch_size", "12", "--sft.max_tokens_per_microbatch", "600",
+    "--data.synthetic_val_size", "8", "--sft.global_batch_size", "12",
+    "--sft.max_tokens_per_microbatch", "600",
     "--sft.val_generate", "false", "--sft.steps", "4", "--checkpoint.every", "2", "--checkpoint.keep", "2",
 ]
 KEYS = ("train/loss", "train/grad_norm")
@@ -45,7 +46,8 @@ def _launcher(nproc: int) -> list[str]:
 
 
 def train(run_dir: Path, *args: str, nproc: int) -> str:
-    cmd = _launcher(nproc) + ["-m", "rlcs_fast.train", "--cfg", CONFIG, "--run.dir", str(run_dir), *SMALL, *args]
+    cmd = _launcher(nproc) + ["-m", "rlcs_fast.train", "--cfg", CONFIG, "--run.dir", str(run_dir),
+                              *SMALL, *args]
     proc = subprocess.run(cmd, cwd=run_dir.parent, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stderr
@@ -122,7 +124,8 @@ def test_activation_checkpointing_gives_the_same_losses(two_procs, tmp_path):
     run = tmp_path / "ac"
     train(run, "--model.gradient_checkpointing", "true", "--checkpoint.every", "0", nproc=2)
     for key in KEYS:
-        assert_same(metrics(two_procs, key), metrics(run, key), [1, 2, 3, 4], f"{key} with activation checkpointing")
+        assert_same(metrics(two_procs, key), metrics(run, key), [1, 2, 3, 4],
+                    f"{key} with activation checkpointing")
 
 
 # --- in-process checks under 2-process FSDP2 ------------------------------------------------------------
@@ -223,7 +226,8 @@ def test_sharded_export_equals_the_unsharded_model_and_loads(worker_out, tmp_pat
     assert len(files) > 1  # 1 MiB shards of a 4 MiB model
     on_disk = {}
     for f in files:
-        assert (export / f).stat().st_size <= (1 << 20) + 64 * 1024 or len(safe_open(export / f, "pt").keys()) == 1
+        assert (export / f).stat().st_size <= (1 << 20) + 64 * 1024 or len(safe_open(export / f,
+                                                                                     "pt").keys()) == 1
         with safe_open(export / f, "pt") as st:
             on_disk.update({k: st.get_tensor(k) for k in st.keys()})
     assert set(index["weight_map"]) == set(on_disk)

@@ -36,8 +36,8 @@ def test_engine_logprobs_equal_trainer_logprobs_with_images():
     prompts = [encoder.prompt(rows[i], i) for i in range(len(rows))]
     assert len({p.prompt_ids.numel() for p in prompts}) > 1  # left padding in the engine's batch too
     tok = processor.tokenizer
-    engine = HFEngine(path, device=torch.device("cpu"), batch_size=8, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                      pad_token_id=tok.pad_token_id)
+    engine = HFEngine(path, device=torch.device("cpu"), batch_size=8,
+                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
     n = 2
     sampling = SamplingParams(n=n, temperature=0.7, max_tokens=12, logprobs=True, seed=1)
     completions = engine.generate(prompts, sampling)

@@ -58,7 +58,8 @@ def test_vllm_request_expands_to_trainer_tokens_and_pixels(sizes):
     min_pixels, max_pixels = 28 * 28 * 8, 28 * 28 * 32  # not the tiny processor's defaults
     path = tiny_path()
     trainer_proc = load_processor(str(path), min_pixels=min_pixels, max_pixels=max_pixels)
-    encoder = Encoder(trainer_proc, AutoConfig.from_pretrained(path), Columns(), template=DataConfig().prompt_template,
+    encoder = Encoder(trainer_proc, AutoConfig.from_pretrained(path), Columns(),
+                      template=DataConfig().prompt_template,
                       system_prompt="", min_pixels=min_pixels, max_pixels=max_pixels, max_length=4096)
     images = [_image(w, h, i) for i, (w, h) in enumerate(sizes)]
     prompt = encoder.prompt({"images": images, "problem": "What is shown?", "answer": "3"})
@@ -72,7 +73,8 @@ def test_vllm_request_expands_to_trainer_tokens_and_pixels(sizes):
 
     engine_side = AutoProcessor.from_pretrained(path).image_processor
     kw = req["mm_processor_kwargs"]
-    feats = engine_side(images=sent, size={"shortest_edge": kw["min_pixels"], "longest_edge": kw["max_pixels"]},
+    feats = engine_side(images=sent,
+                        size={"shortest_edge": kw["min_pixels"], "longest_edge": kw["max_pixels"]},
                         return_tensors="pt")
     merge = engine_side.merge_size ** 2
     expanded, k = [], 0
@@ -88,18 +90,20 @@ def test_vllm_request_expands_to_trainer_tokens_and_pixels(sizes):
 
 
 def test_request_builder_edge_cases():
-    assert collapse_image_pads([1, IMAGE_PAD, IMAGE_PAD, 2, IMAGE_PAD, 3], IMAGE_PAD) == [1, IMAGE_PAD, 2, IMAGE_PAD, 3]
+    assert collapse_image_pads([1, IMAGE_PAD, IMAGE_PAD, 2, IMAGE_PAD, 3],
+                               IMAGE_PAD) == [1, IMAGE_PAD, 2, IMAGE_PAD, 3]
     assert vllm_prompt([5, 6], [], image_token_id=IMAGE_PAD) == {"prompt_token_ids": [5, 6]}
     assert vllm_prompt([5, 6], [], image_token_id=None) == {"prompt_token_ids": [5, 6]}  # text-only model
     with pytest.raises(AssertionError, match="runs in the prompt"):
         vllm_prompt([1, IMAGE_PAD, IMAGE_PAD], [_image(28, 28, 0)] * 2, image_token_id=IMAGE_PAD)
     with pytest.raises(AssertionError, match="no images"):
         vllm_prompt([1, IMAGE_PAD], [], image_token_id=IMAGE_PAD)
-    assert vllm_weight_name("model.language_model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight") == \
-        "model.language_model.layers.0.mlp.up_proj.weight"
+    wrapped = "model.language_model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight"
+    assert vllm_weight_name(wrapped) == "model.language_model.layers.0.mlp.up_proj.weight"
 
 
-@pytest.mark.parametrize("conf", ["expandable_segments:True", "max_split_size_mb:64, expandable_segments:true"])
+@pytest.mark.parametrize("conf",
+                         ["expandable_segments:True", "max_split_size_mb:64, expandable_segments:true"])
 def test_sleep_mode_refuses_expandable_segments(conf):
     with pytest.raises(ValueError, match="expandable_segments"):
         check_alloc_conf({"PYTORCH_CUDA_ALLOC_CONF": conf})
@@ -126,7 +130,8 @@ def _requests(n: int = 2):
 
 
 def test_fake_engine_enforces_vllm_state_machine(fake):
-    weights = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_path(), dtype=torch.float32).state_dict()
+    weights = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_path(),
+                                                                 dtype=torch.float32).state_dict()
     reqs, greedy = _requests(), SamplingParams(temperature=0, max_tokens=4)
     assert fake.calls == ["sleep(2)"] and fake.memory_gb() == 0.0  # born asleep, weights freed
     with pytest.raises(RuntimeError, match="cached allocator blocks"):
@@ -169,7 +174,8 @@ def test_fake_engine_enforces_vllm_state_machine(fake):
 
 def _run_grpo(tmp_path: Path, engines: list, *extra: str) -> int:
     engines.append(FakeEngine(str(tiny_path()), batch_size=8, eos_token_id=EOS, pad_token_id=PAD))
-    return train.main(["--cfg", CONFIG, "--run.dir", str(tmp_path / "run"), *SMALL, *extra], engine=engines[-1])
+    return train.main(["--cfg", CONFIG, "--run.dir", str(tmp_path / "run"), *SMALL, *extra],
+                      engine=engines[-1])
 
 
 def _checksums(model: torch.nn.Module) -> dict[str, str]:

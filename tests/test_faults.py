@@ -179,8 +179,8 @@ def test_nonfinite_steps_change_nothing_and_too_many_stop_the_run(tmp_path):
     state (its step count included), step 3 trains, step 5 (the second bad one in a row) stops the run
     with exit status 1 and a one-line reason, before a checkpoint of step 5 is written."""
     run = tmp_path / "run"
-    proc, _ = _faulty(tmp_path, run, "--sft.steps", "5", "--checkpoint.every", "1", "--optim.max_bad_steps", "2",
-                      nproc=1, env={"FAULT_NAN_AT": "2,4,5"})
+    proc, _ = _faulty(tmp_path, run, "--sft.steps", "5", "--checkpoint.every", "1",
+                      "--optim.max_bad_steps", "2", nproc=1, env={"FAULT_NAN_AT": "2,4,5"})
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "2 non-finite steps in a row (the last at step 5" in proc.stderr, proc.stderr[-3000:]
     assert "sft step 2: non-finite loss or gradient norm, step skipped" in proc.stderr
@@ -202,7 +202,8 @@ def test_nonfinite_rewards_on_one_rank_skip_the_grpo_step_on_all(tmp_path):
     (rank 0's rewards are finite: without the agreement its updates would wait for rank 1 forever)."""
     run = tmp_path / "run"
     grpo = ["--run.stages", '["grpo"]', "--grpo.steps", "3", "--grpo.rollout_batch_size", "4",
-            "--grpo.mini_batch_size", "2", "--grpo.n", "2", "--grpo.epochs", "1", "--grpo.max_response_length",
+            "--grpo.mini_batch_size", "2", "--grpo.n", "2", "--grpo.epochs", "1",
+            "--grpo.max_response_length",
             "8", "--data.val_size", "2", "--grpo.val_n", "1", "--checkpoint.every", "1",
             "--reward.num_workers", "1"]
     proc, _ = _faulty(tmp_path, run, *grpo, nproc=2, env={"FAULT_RANK": "1", "FAULT_NAN_REWARD_AT": "2"})

@@ -39,9 +39,10 @@ def trained_run(tmp_path_factory):
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "rlcs_fast.train", "--cfg", CONFIG, "--run.dir", str(root / "run"),
            "--run.stages", '["sft"]', "--sft.steps", "2", "--log.progress", "false",
-           "--data.synthetic_train_size", "32", "--data.synthetic_val_size", "6", "--sft.global_batch_size", "8",
-           "--sft.max_tokens_per_microbatch", "600", "--grpo.max_response_length", "12", "--reward.num_workers", "1",
-           "--reward.function", "crc_reward:score", "--rollout.batch_size", "4",
+           "--data.synthetic_train_size", "32", "--data.synthetic_val_size", "6",
+           "--sft.global_batch_size", "8",
+           "--sft.max_tokens_per_microbatch", "600", "--grpo.max_response_length", "12",
+           "--reward.num_workers", "1", "--reward.function", "crc_reward:score", "--rollout.batch_size", "4",
            "--grpo.val_temperature", "0", "--grpo.val_n", "1"]  # greedy, as eval's default
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -63,18 +64,21 @@ def test_eval_reproduces_the_logged_val_accuracy(trained_run, tmp_path, monkeypa
     assert summary["pass@1"] == pytest.approx(logged["val/accuracy"], abs=1e-12)
     assert summary["format"] == pytest.approx(logged["val/format"], abs=1e-12)
     answers = [json.loads(x) for x in (out / "run-sft.jsonl").read_text().splitlines()]
-    assert [a["index"] for a in answers] == list(range(6)) and all(a["response_tokens"] <= 12 for a in answers)
+    assert [a["index"] for a in answers] == list(range(6)) and all(a["response_tokens"] <= 12
+                                                                   for a in answers)
     table = capsys.readouterr().out
     assert "| metric | run-sft |" in table and (out / "summary.md").read_text().count("| pass@1 |") == 1
 
 
 def _records(acc: list[list[float]]) -> list[dict]:
-    return [{"index": i, "sample": k, "accuracy": a, "format": 1.0} for i, row in enumerate(acc) for k, a in enumerate(row)]
+    return [{"index": i, "sample": k, "accuracy": a, "format": 1.0} for i, row in enumerate(acc) for k,
+            a in enumerate(row)]
 
 
 def test_pass_and_mean_at_k():
     # prompt 0: first sample wrong, one of three right; prompt 1: all right; prompt 2: none
-    s = rl_eval.summarize(_records([[0, 1, 0], [1, 1, 1], [0, 0, 0]]), 3, {0: "geometry", 1: "algebra", 2: "algebra"})
+    s = rl_eval.summarize(_records([[0, 1, 0], [1, 1, 1], [0, 0, 0]]), 3,
+                          {0: "geometry", 1: "algebra", 2: "algebra"})
     o = s["overall"]
     assert o["pass@1"] == pytest.approx(1 / 3) and o["mean@3"] == pytest.approx((1 / 3 + 1) / 3)
     assert o["pass@3"] == pytest.approx(2 / 3) and o["prompts"] == 3
@@ -93,7 +97,10 @@ def test_eval_benchmark_columns_categories_and_two_models(tmp_path, monkeypatch)
 
     src = synthetic_dataset("rl", "val", 4, seed=5).to_list()
     rows = [{"image": r["images"][0], "question": r["problem"].replace("<image>", ""), "answer": r["answer"],
-             "category": "color" if "color" in r["problem"] or any(c in r["problem"] for c in ("red", "blue", "green", "yellow")) else "other"}
+             "category": "color" if "color" in r["problem"] or any(c in r["problem"] for c in ("red", "blue",
+                                                                                               "green",
+                                                                                               "yellow"))
+             else "other"}
             for r in src]
     feats = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
                                "answer": datasets.Value("string"), "category": datasets.Value("string")})
@@ -146,16 +153,21 @@ def test_generate_streams_the_models_greedy_answer_to_the_training_prompt(traine
     d = cfg.data
     processor = load_processor(model_dir, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    enc = Encoder(processor, model.config, Columns(), template=d.prompt_template, system_prompt=d.system_prompt,
+    enc = Encoder(processor, model.config, Columns(), template=d.prompt_template,
+                  system_prompt=d.system_prompt,
                   min_pixels=d.min_pixels, max_pixels=d.max_pixels, max_length=4096)
-    p = enc.prompt({"images": [str(image_file)], "problem": "How many shapes are in the image?", "answer": "1"})
+    p = enc.prompt({"images": [str(image_file)], "problem": "How many shapes are in the image?",
+                    "answer": "1"})
     with torch.no_grad():
         ids = model.generate(input_ids=p.prompt_ids[None], attention_mask=torch.ones_like(p.prompt_ids[None]),
                              pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
-                             mm_token_type_ids=(p.prompt_ids == model.config.image_token_id).int()[None], do_sample=False,
-                             max_new_tokens=7, eos_token_id=processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                             mm_token_type_ids=(p.prompt_ids == model.config.image_token_id).int()[None],
+                             do_sample=False,
+                             max_new_tokens=7,
+                             eos_token_id=processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
                              suppress_tokens=[model.config.image_token_id, model.config.video_token_id,
-                                              model.config.vision_start_token_id, model.config.vision_end_token_id])
+                                              model.config.vision_start_token_id,
+                                              model.config.vision_end_token_id])
     expected = processor.tokenizer.decode(ids[0, p.prompt_ids.numel():], skip_special_tokens=True)
     assert expected and out.getvalue() == expected + "\n"
 
@@ -163,16 +175,20 @@ def test_generate_streams_the_models_greedy_answer_to_the_training_prompt(traine
 @pytest.mark.slow
 def test_generate_interactive_answers_each_line_and_exits_on_eof(trained_run, image_file):
     model_dir = str(trained_run / "run" / "sft" / "hf")
-    stdin = io.StringIO(f"{image_file} How many red shapes?\n\n/no/such/image.png What?\n{image_file} Count them.\n")
+    stdin = io.StringIO(f"{image_file} How many red shapes?\n\n/no/such/image.png What?\n{image_file} Count "
+                        "them.\n")
     out = io.StringIO()
-    assert generate.main(["--model", model_dir, "--interactive", "--max-new-tokens", "4"], stdin=stdin, stdout=out) == 0
-    assert len(out.getvalue().splitlines()) == 2  # one answer per usable line; the bad path is reported, skipped
+    assert generate.main(["--model", model_dir, "--interactive", "--max-new-tokens", "4"], stdin=stdin,
+                         stdout=out) == 0
+    # one answer per usable line; the bad path is reported, skipped
+    assert len(out.getvalue().splitlines()) == 2
 
 
 @pytest.mark.slow
 def test_generate_cli_needs_a_question_or_interactive():
     with pytest.raises(SystemExit):
         generate.parse_args(["--model", "x", "--image", "y.png"])
-    proc = subprocess.run([sys.executable, "-m", "rlcs_fast.generate", "--model", "/no/such/model", "--image", "a.png",
+    proc = subprocess.run([sys.executable, "-m", "rlcs_fast.generate", "--model", "/no/such/model",
+                           "--image", "a.png",
                            "--question", "q"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "rlcs_fast.generate" in proc.stderr

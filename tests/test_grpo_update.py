@@ -31,14 +31,16 @@ def _rollouts(ctx, n_per_sign: int = 3) -> list[Rollout]:
         ids = torch.cat([p.prompt_ids, resp])
         target = torch.zeros(ids.numel(), dtype=torch.bool)
         target[p.prompt_ids.numel():] = True
-        s = Sample(ids, target, extend_positions(p.position_ids, resp.numel()), p.pixel_values, p.image_grid_thw)
+        s = Sample(ids, target, extend_positions(p.position_ids, resp.numel()), p.pixel_values,
+                   p.image_grid_thw)
         out.append(Rollout(s, 1.0 if i % 2 == 0 else -1.0, None))
     return out
 
 
 def _ctx(tmp_path, **overrides):
     cfg = load_config(TINY, {"run.dir": str(tmp_path), "log.progress": False,
-                                    "data.synthetic_train_size": 16, "data.synthetic_val_size": 4, **overrides})
+                                    "data.synthetic_train_size": 16, "data.synthetic_val_size": 4,
+                             **overrides})
     return StageContext.create(cfg, "grpo", resolve_model_path("tiny"), rank=0, world=1,
                                device=torch.device("cpu"), metrics=MetricsLogger(tmp_path, progress=False))
 

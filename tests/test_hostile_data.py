@@ -41,7 +41,9 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT",
+                                                               zlib.compress(b"\0" * 64)) + chunk(b"IEND",
+                                                                                                  b"")
 
 
 @functools.cache
@@ -69,7 +71,8 @@ def _images(seed: int) -> dict[str, tuple[bytes, str]]:
         "cmyk": (_encode(noise.convert("CMYK"), "JPEG"), "train"),
         "rgba": (_encode(noise.convert("RGBA"), "PNG"), "train"),
         "gray_alpha": (_encode(noise.convert("LA"), "PNG"), "train"),
-        "png16": (_encode(Image.fromarray(rng.integers(0, 65535, (40, 40), dtype=np.uint16)), "PNG"), "train"),
+        "png16": (_encode(Image.fromarray(rng.integers(0, 65535, (40, 40), dtype=np.uint16)),
+                          "PNG"), "train"),
         "animated_gif": (gif_buf.getvalue(), "train"),
         "exif_rotated": (_encode(rotated, "JPEG", exif=exif), "train"),
         "zero_bytes": (b"", "unreadable_image"),
@@ -117,9 +120,11 @@ def fuzz_rows(n: int, seed: int = 0) -> list[tuple[dict, str]]:
     rows.append(({"images": [img("rgb_png"), img("grayscale")], "problem": "<image> one marker, two images",
                   "answer": ok_answer}, "image_mismatch"))
     # markers-free problem with two images: both go first
-    rows.append(({"images": [img("palette"), img("cmyk")], "problem": "compare", "answer": ok_answer}, "train"))
+    rows.append(({"images": [img("palette"), img("cmyk")], "problem": "compare",
+                  "answer": ok_answer}, "train"))
     base = list(rows)
-    cheap = [r for r in base if not any(i["bytes"] == images["huge_50mp"][0] for i in r[0].get("images") or [])]
+    cheap = [r for r in base
+             if not any(i["bytes"] == images["huge_50mp"][0] for i in r[0].get("images") or [])]
     while len(rows) < n:
         rows.append(pick.choice(cheap))
     return rows
@@ -134,8 +139,8 @@ def encoder():
 
     path = str(tiny_path(seed=0))
     return Encoder(load_processor(path, **PIXELS), AutoConfig.from_pretrained(path), Columns(),
-                   template="{problem} Think in <think> </think>, then answer in \\boxed{}.", system_prompt="",
-                   max_length=MAX_LENGTH, **PIXELS)
+                   template="{problem} Think in <think> </think>, then answer in \\boxed{}.",
+                   system_prompt="", max_length=MAX_LENGTH, **PIXELS)
 
 
 def test_a_decompression_bomb_is_refused_before_decoding(monkeypatch):
@@ -152,7 +157,8 @@ def test_a_decompression_bomb_is_refused_before_decoding(monkeypatch):
 
 def test_image_modes_become_upright_rgb():
     images = _images(1)
-    for name in ("grayscale", "palette", "palette_alpha", "cmyk", "rgba", "gray_alpha", "png16", "animated_gif"):
+    for name in ("grayscale", "palette", "palette_alpha", "cmyk", "rgba", "gray_alpha", "png16",
+                 "animated_gif"):
         assert open_image({"bytes": images[name][0]}).mode == "RGB", name
     assert open_image({"bytes": images["exif_rotated"][0]}).size == (40, 120)  # stored 120x40, shown rotated
     wide = np.asarray(open_image({"bytes": images["png16"][0]}))
@@ -165,10 +171,11 @@ def test_every_fuzz_row_trains_or_is_skipped_under_its_kind(encoder, kind):
     rows = [(r, o.split("|")[0 if kind == "sft" else 1] if "|" in o else o) for r, o in fuzz_rows(200)]
     skips = SkipCounter()
     if kind == "sft":
-        out = encode_many(lambda row, i: (i, encoder.sft(row)), ((r, i) for i, (r, _) in enumerate(rows)), skips, "t")
+        out = encode_many(lambda row, i: (i, encoder.sft(row)),
+                          ((r, i) for i, (r, _) in enumerate(rows)), skips, "t")
     else:
-        out = encode_many(lambda row, i: (i, encoder.prompt(row, i)), ((r, i) for i, (r, _) in enumerate(rows)),
-                          skips, "t")
+        out = encode_many(lambda row, i: (i, encoder.prompt(row, i)),
+                          ((r, i) for i, (r, _) in enumerate(rows)), skips, "t")
     trained = {i for i, _ in out}
     expected_train = {i for i, (_, outcome) in enumerate(rows) if outcome == "train"}
     assert trained == expected_train
@@ -191,15 +198,19 @@ def test_the_trainer_runs_to_the_end_on_the_fuzz_set(tmp_path):
     data = tmp_path / "fuzz.parquet"
     datasets.Dataset.from_list(table).to_parquet(str(data))
     run = tmp_path / "run"
-    args = ["--log.progress", "false", "--run.stages", '["sft"]', "--data.train", str(data), "--data.val", str(data),
+    args = ["--log.progress", "false", "--run.stages", '["sft"]', "--data.train", str(data),
+            "--data.val", str(data),
             "--data.val_size", "8", "--sft.global_batch_size", "40", "--sft.steps", "3",
-            "--sft.max_tokens_per_microbatch", "1200", "--sft.val_generate", "false", "--checkpoint.every", "0"]
+            "--sft.max_tokens_per_microbatch", "1200", "--sft.val_generate", "false",
+            "--checkpoint.every", "0"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "rlcs_fast.train", "--cfg", CONFIG, "--run.dir", str(run), *args],
+    proc = subprocess.run([sys.executable, "-m", "rlcs_fast.train", "--cfg", CONFIG, "--run.dir",
+                           str(run), *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "data/skipped" in x][-1]
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+            if "data/skipped" in x][-1]
     assert last["step"] == 3
     by_kind = {k.removeprefix("data/skipped/"): v for k, v in last.items() if k.startswith("data/skipped/")}
     assert by_kind == dict(expected), (by_kind, expected)

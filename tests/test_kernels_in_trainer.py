@@ -151,10 +151,11 @@ def test_grpo_loss_and_gradients_equal_with_kernels_on_and_off(setup, grpo_batch
     loss_torch, stats_torch, grads_torch = _loss_and_grads(policy, batch, head("torch"), index)
 
     want, want_stats = fused_linear_grpo_loss_reference(
-        hidden.double(), policy.model.lm_head.weight.detach().double(), targets, old.double(), adv.double(), mask,
+        hidden.double(), policy.model.lm_head.weight.detach().double(), targets, old.double(),
+        adv.double(), mask,
         ref_logprobs=ref.double(), temperature=g.temperature, clip_low=g.clip_low, clip_high=g.clip_high,
-        clip_dual=g.clip_dual, kl_coef=g.kl_coef, kl_type=g.kl_type, agg=agg, norm_len=norm_len, seq_ids=seq_ids,
-        num_seqs=num_seqs, with_entropy=True)
+        clip_dual=g.clip_dual, kl_coef=g.kl_coef, kl_type=g.kl_type, agg=agg, norm_len=norm_len,
+        seq_ids=seq_ids, num_seqs=num_seqs, with_entropy=True)
     # a test where nothing clips (or everything does) would not exercise the clipped branch of the gradient
     assert 0.0 < float(want_stats["clip_frac"]) < 1.0, want_stats
     assert float(loss_torch) == pytest.approx(float(want), rel=1e-5, abs=1e-7)

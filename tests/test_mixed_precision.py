@@ -82,8 +82,10 @@ def test_reference_model_is_compute_dtype_and_resharded_after_logprobs(one_rank_
     from torch.distributed.tensor import DTensor
 
     cfg = load_config(CONFIG)
-    ctx = StageContext(cfg, "grpo", str(tiny_path()), rank=0, world=2, device=torch.device("cpu"), metrics=None)
-    monkeypatch.setattr(StageContext, "mixed_precision", property(lambda self: True))  # what CUDA + bf16 gives
+    ctx = StageContext(cfg, "grpo", str(tiny_path()), rank=0, world=2, device=torch.device("cpu"),
+                       metrics=None)
+    monkeypatch.setattr(StageContext, "mixed_precision",
+                        property(lambda self: True))  # what CUDA + bf16 gives
     ref = ctx.reference_policy()
     ctx.model_config = ref.model.config
     for name, p in ref.named_parameters():

@@ -148,7 +148,8 @@ def regular(tmp_path_factory) -> tuple[Path, Path]:
     shutil.copytree(REPO, src, ignore=_sources)
     _pip_install(src, target)
     venv = root / "venv"
-    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(venv)],
+    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv",
+                    "--without-pip", str(venv)],
                    check=True, timeout=120)
     python = venv / "bin" / "python"
     purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],

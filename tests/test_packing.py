@@ -181,7 +181,8 @@ def test_step_gradient_independent_of_token_budget() -> None:
             warnings.simplefilter("ignore")  # the smallest budget is below the longest sample
             # the trainer's split: a strided share per rank, each planned on its own
             shares = [list(range(len(samples)))[r::world] for r in range(world)]
-            plan = [[[share[j] for j in micro] for micro in plan_microbatches([lengths[i] for i in share], budget)]
+            plan = [[[share[j] for j in micro] for micro in plan_microbatches([lengths[i] for i in share],
+                                                                              budget)]
                     for share in shares]
         for rank in plan:
             for micro in rank:

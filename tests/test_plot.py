@@ -23,12 +23,15 @@ def write_run(run_dir, *, grpo: bool = True) -> None:
         rows.append({"stage": "grpo", "step": 0, "val/accuracy": 0.25})
         for step in range(1, 5):
             rows.append({"stage": "grpo", "step": step, "train/loss": rng.random() * 0.1,
-                         "reward/overall": 0.3 + 0.1 * step, "reward/accuracy": 0.3 + 0.1 * step, "reward/format": 1.0,
-                         "actor/kl": 1e-3 * step, "actor/entropy": 1.0 - 0.1 * step, "response/length": 100.0 + step,
+                         "reward/overall": 0.3 + 0.1 * step, "reward/accuracy": 0.3 + 0.1 * step,
+                         "reward/format": 1.0,
+                         "actor/kl": 1e-3 * step, "actor/entropy": 1.0 - 0.1 * step,
+                         "response/length": 100.0 + step,
                          "response/length_max": 200.0, "perf/tokens_per_s": 5000 + rng.random() * 100})
         rows.append({"stage": "grpo", "step": 4, "val/accuracy": 0.6})
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"stage": "gr')  # cut line
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows)
+                                           + '{"stage": "gr')  # cut line
 
 
 def test_every_group_renders_a_non_blank_png(tmp_path, capsys):

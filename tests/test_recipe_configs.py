@@ -22,21 +22,28 @@ RECIPES = ["sft_3b", "sft_7b", "grpo_3b", "grpo_7b"]
 
 # The released Qwen/Qwen2.5-VL-{3B,7B}-Instruct config.json values (legacy layout, as published).
 _VISION = {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-           "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+           "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+           "window_size": 112,
            "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2}
-_COMMON = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "attention_dropout": 0.0,
-           "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
-           "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
-           "initializer_range": 0.02, "max_position_embeddings": 128000, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+_COMMON = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+           "attention_dropout": 0.0,
+           "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+           "vision_end_token_id": 151653,
+           "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656,
+           "hidden_act": "silu",
+           "initializer_range": 0.02, "max_position_embeddings": 128000, "rms_norm_eps": 1e-06,
+           "rope_theta": 1000000.0,
            "sliding_window": 32768, "use_sliding_window": False, "torch_dtype": "bfloat16", "use_cache": True,
            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
 RELEASED = {
-    "3b": {**_COMMON, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
-           "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True, "max_window_layers": 70,
-           "vision_config": {**_VISION, "out_hidden_size": 2048}},
-    "7b": {**_COMMON, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-           "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False, "max_window_layers": 28,
-           "vision_config": {**_VISION, "out_hidden_size": 3584}},
+    "3b": {**_COMMON, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+           "num_attention_heads": 16,
+           "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+           "max_window_layers": 70, "vision_config": {**_VISION, "out_hidden_size": 2048}},
+    "7b": {**_COMMON, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+           "num_attention_heads": 28,
+           "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
+           "max_window_layers": 28, "vision_config": {**_VISION, "out_hidden_size": 3584}},
 }
 
 
@@ -85,13 +92,16 @@ def test_recipe_values(size):
     g = grpo.grpo
     assert (g.n, g.temperature, g.top_p, g.rollout_batch_size, g.mini_batch_size) == (10, 0.7, 0.99, 512, 128)
     assert (grpo.optim.lr, grpo.optim.weight_decay, grpo.optim.grad_clip) == (1e-6, 1e-2, 1.0)
-    assert (g.kl_coef, g.kl_type, g.max_prompt_length, g.max_response_length) == (1e-2, "low_var_kl", 2048, 2048)
+    assert (g.kl_coef, g.kl_type, g.max_prompt_length, g.max_response_length) == (1e-2,
+                                                                                  "low_var_kl", 2048, 2048)
     assert (grpo.data.min_pixels, grpo.data.max_pixels) == (262144, 1204224)
     assert (g.val_temperature, g.val_n) == (0.5, 1)
     assert grpo.reward.format_weight == 0 and grpo.reward.function == ""
-    assert grpo.rollout.engine == "vllm" and grpo.model.gradient_checkpointing and not grpo.model.freeze_vision
+    assert grpo.rollout.engine == "vllm"
+    assert grpo.model.gradient_checkpointing and not grpo.model.freeze_vision
     # the policy sees in RL the prompt it was cold-started on
-    assert sft.data.system_prompt == grpo.data.system_prompt and sft.data.prompt_template == grpo.data.prompt_template
+    assert sft.data.system_prompt == grpo.data.system_prompt
+    assert sft.data.prompt_template == grpo.data.prompt_template
 
 
 @pytest.mark.parametrize("size, expected", [("3b", None), ("7b", 8_292_166_656), ("tiny", None)])
@@ -108,7 +118,9 @@ def test_parameter_count_from_config_equals_the_built_model(tmp_path, size, expe
         assert text + vision == expected  # the 8.29B the model card states
     arch = model_arch(config)
     if size == "7b":
-        assert (arch.layers, arch.hidden, arch.heads, arch.kv_heads, arch.vocab, arch.tied) == (28, 3584, 28, 4, 152064, False)
+        assert (arch.layers, arch.hidden, arch.heads, arch.kv_heads, arch.vocab, arch.tied) == (28, 3584, 28,
+                                                                                                4,
+                                                                                                152064, False)
 
 
 @pytest.mark.slow
@@ -138,16 +150,19 @@ def test_memory_plan_shards_state_over_ranks(tmp_path):
 
     cfg = load_config(CONFIGS / "grpo_7b.toml", {"model.path": str(released_dir(tmp_path, "7b")),
                                                   "data.train": "synthetic", "data.val": "synthetic",
-                                                  "data.synthetic_train_size": 4, "data.synthetic_val_size": 2})
+                                                  "data.synthetic_train_size": 4,
+                                                 "data.synthetic_val_size": 2})
     plan = build_plan(cfg, world=8, gpu_gib=80.0)
     mem = plan.memory["grpo"]
     p = 8_292_166_656
     assert mem[8]["AdamW states (2 x fp32, sharded)"] == pytest.approx(8 * p / 8 / 2**30)
-    assert mem[1]["parameters (fp32 master, sharded)"] == pytest.approx(8 * mem[8]["parameters (fp32 master, sharded)"])
+    master = "parameters (fp32 master, sharded)"
+    assert mem[1][master] == pytest.approx(8 * mem[8][master])
     assert mem[8]["activations, checkpointing"] < mem[8]["activations, no checkpointing"] / 5
     assert mem[8]["vLLM weights (bf16)"] == pytest.approx(2 * p / 2**30)
     # the recipe fits an 8 x 80 GB node at 7B, and does not fit one GPU
-    assert mem[8]["awake: sharded training state + vLLM pool"] < 76 < mem[1]["training peak (state + chosen activations)"]
+    awake, peak = "awake: sharded training state + vLLM pool", "training peak (state + chosen activations)"
+    assert mem[8][awake] < 76 < mem[1][peak]
 
 
 MOCK_HUB = '''
@@ -156,7 +171,8 @@ import httpx2, huggingface_hub
 
 PARQ = open({parquet!r}, "rb").read()
 REPO, SHA = "WaltonFuture/Multimodal-RL-Data", "0123456789abcdef0123456789abcdef01234567"
-README = b"---\\nconfigs:\\n- config_name: default\\n  data_files:\\n  - split: train\\n    path: data/train-*.parquet\\n---\\n"
+README = (b"---\\nconfigs:\\n- config_name: default\\n  data_files:\\n  - split: train\\n"
+          b"    path: data/train-*.parquet\\n---\\n")
 FILES = {{"README.md": README, "data/train-00000-of-00001.parquet": PARQ}}
 
 def file_response(req, body):
@@ -175,20 +191,23 @@ def handler(req):
     if req.url.host != "huggingface.co":  # datasets-server, S3: not part of this hub
         return httpx2.Response(404, json={{"error": "not found"}})
     if "{unreachable}" in path:  # a set this hub does not serve (a refused connection is retried ~24 s)
-        return httpx2.Response(404, headers={{"x-error-code": "RepoNotFound"}}, json={{"error": "Repository not found"}})
+        return httpx2.Response(404, headers={{"x-error-code": "RepoNotFound"}},
+                               json={{"error": "Repository not found"}})
     m = re.match(rf"/datasets/{{REPO}}/resolve/[^/]+/(.+)", path)
     if m and m[1] in FILES:
         return file_response(req, FILES[m[1]])
     if re.fullmatch(rf"/api/datasets/{{REPO}}(/revision/[^/]+)?", path):
-        return httpx2.Response(200, json={{"id": REPO, "sha": SHA, "siblings": [{{"rfilename": f}} for f in FILES]}})
+        siblings = [{{"rfilename": f}} for f in FILES]
+        return httpx2.Response(200, json={{"id": REPO, "sha": SHA, "siblings": siblings}})
     m = re.fullmatch(rf"/api/datasets/{{REPO}}/tree/[^/]+/?(.*)", path)
     if m is not None:
         prefix = m[1]
         if prefix == "data":
             return httpx2.Response(200, json=[{{"type": "file", "path": "data/train-00000-of-00001.parquet",
                                                "size": len(PARQ), "oid": "1" * 40}}])
-        return httpx2.Response(200, json=[{{"type": "file", "path": "README.md", "size": len(README), "oid": "2" * 40}},
-                                          {{"type": "directory", "path": "data", "oid": "3" * 40}}])
+        return httpx2.Response(200, json=[
+            {{"type": "file", "path": "README.md", "size": len(README), "oid": "2" * 40}},
+            {{"type": "directory", "path": "data", "oid": "3" * 40}}])
     return httpx2.Response(404, json={{"error": "not found"}})
 
 huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(handler)))
@@ -249,5 +268,6 @@ def test_freeze_vision_freezes_the_vit_blocks_not_the_merger():
     model, _ = load_model(str(tiny_path()), freeze_vision=True)
     visual = dict(model.model.visual.named_parameters())
     assert visual and all(p.requires_grad == name.startswith("merger.") for name, p in visual.items())
-    assert any(name.startswith("merger.") for name in visual) and any(name.startswith("blocks.") for name in visual)
+    assert any(name.startswith("merger.") for name in visual) and any(name.startswith("blocks.")
+                                                                      for name in visual)
     assert all(p.requires_grad for p in model.model.language_model.parameters())

@@ -65,7 +65,8 @@ def test_sft_two_processes_match_one(tmp_path):
     assert sorted(one) == [1, 2, 3] and sorted(two) == [1, 2, 3]
     for step in one:
         assert one[step] == pytest.approx(two[step], rel=1e-5, abs=1e-6), (step, one, two)
-    assert rows(tmp_path / "one", "sft", "val/loss")[3] == pytest.approx(rows(tmp_path / "two", "sft", "val/loss")[3], rel=1e-5)
+    assert rows(tmp_path / "one", "sft",
+                "val/loss")[3] == pytest.approx(rows(tmp_path / "two", "sft", "val/loss")[3], rel=1e-5)
 
 
 def _kill_after_checkpoint(run_dir: Path, stage: str, args: list[str]) -> None:
@@ -91,8 +92,8 @@ def _kill_after_checkpoint(run_dir: Path, stage: str, args: list[str]) -> None:
     ("grpo", ["train/loss", "reward/overall", "response/length", "actor/entropy"]),
 ])
 def test_killed_run_resumes_with_identical_metrics(tmp_path, stage, keys):
-    args = ["--run.stages", f'["{stage}"]', "--checkpoint.every", "2", "--sft.steps", "6", "--grpo.steps", "4",
-            "--sft.val_generate", "false"]
+    args = ["--run.stages", f'["{stage}"]', "--checkpoint.every", "2", "--sft.steps", "6",
+            "--grpo.steps", "4", "--sft.val_generate", "false"]
     run_train(tmp_path / "straight", *args)
     resumed = tmp_path / "resumed"
     _kill_after_checkpoint(resumed, stage, args)
@@ -136,7 +137,8 @@ def test_export_loads_in_transformers_and_generates(tmp_path):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(export)
     processor = AutoProcessor.from_pretrained(export)
     image = Image.new("RGB", (84, 84), (255, 0, 0))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many shapes?"}]}]
+    messages = [{"role": "user",
+                 "content": [{"type": "image"}, {"type": "text", "text": "How many shapes?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(text=[text], images=[image], return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False)

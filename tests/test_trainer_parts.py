@@ -21,7 +21,8 @@ def _ctx(every: int, preempted: bool = False):
     return SimpleNamespace(cfg=cfg, dir=Path("unused"), stage="sft", preemption=preemption)
 
 
-@pytest.mark.parametrize("every, steps, due", [(2, 5, [2, 4, 5]), (0, 3, [3]), (3, 6, [3, 6]), (1, 2, [1, 2])])
+@pytest.mark.parametrize("every, steps, due",
+                         [(2, 5, [2, 4, 5]), (0, 3, [3]), (3, 6, [3, 6]), (1, 2, [1, 2])])
 def test_checkpoint_and_validation_are_due_every_n_steps_and_at_the_last(every, steps, due):
     checkpointer = Checkpointer(_ctx(every), opt=None, sched=None, skips=None, guard=None)
     validator = Validator(ctx=None, table=None, every=every, temperature=1.0, n=1)

@@ -30,7 +30,8 @@ def engine_kind(kind: str, device: torch.device) -> str:
         try:
             import vllm  # noqa: F401
         except ImportError:
-            log.warning("rollout.engine = \"vllm\" but vllm is not installed (pip install 'rlcs-fast[vllm]'): "
+            log.warning("rollout.engine = \"vllm\" but vllm is not installed (pip install "
+                        "'rlcs-fast[vllm]'): "
                         "using the transformers engine")
             return "hf"
     return kind
@@ -47,9 +48,11 @@ def build_engine(rollout: RolloutConfig, model_path: str, *, tokenizer, device: 
     if engine_kind(kind or rollout.engine, device) == "vllm":
         from .vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_path, eos_token_id=eos_token_id, gpu_memory_utilization=rollout.gpu_memory_utilization,
+        return VLLMEngine(model_path, eos_token_id=eos_token_id,
+                          gpu_memory_utilization=rollout.gpu_memory_utilization,
                           tensor_parallel_size=rollout.tensor_parallel_size,
-                          max_num_batched_tokens=rollout.max_num_batched_tokens, enforce_eager=rollout.enforce_eager,
+                          max_num_batched_tokens=rollout.max_num_batched_tokens,
+                          enforce_eager=rollout.enforce_eager,
                           enable_prefix_caching=rollout.enable_prefix_caching, max_model_len=max_model_len,
                           seed=seed, min_pixels=min_pixels, max_pixels=max_pixels,
                           load_format="auto" if from_disk else "dummy")

@@ -71,11 +71,13 @@ class HFEngine:
         pixels = [r.pixel_values for r in batch if r.pixel_values is not None]
         if pixels:
             kwargs["pixel_values"] = torch.cat(pixels).to(self.device, self.model.dtype)
-            kwargs["image_grid_thw"] = torch.cat([r.image_grid_thw for r in batch if r.image_grid_thw is not None]).to(self.device)
+            kwargs["image_grid_thw"] = torch.cat([r.image_grid_thw for r in batch
+                                                  if r.image_grid_thw is not None]).to(self.device)
             # transformers 5 computes Qwen2.5-VL's 3-D mrope positions only when it is given the token types
             # (as the stock processor returns them); without them every token gets a 1-D text position and
             # the engine samples from a different model than the trainer's (rollout/logprob_diff 0.01-0.3)
-            kwargs["mm_token_type_ids"] = (input_ids == self.model.config.image_token_id).int().to(self.device)
+            kwargs["mm_token_type_ids"] = (input_ids
+                                           == self.model.config.image_token_id).int().to(self.device)
         greedy = sampling.temperature == 0
         gen = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
@@ -97,6 +99,6 @@ class HFEngine:
             if self.eos in ids:
                 ids = ids[: ids.index(self.eos) + 1]
                 finish = "stop"
-            out.append(Completion(r.prompt_ids.tolist(), ids, logps[i, : len(ids)].tolist() if logps is not None else None,
-                                  finish))
+            out.append(Completion(r.prompt_ids.tolist(), ids,
+                                  logps[i, : len(ids)].tolist() if logps is not None else None, finish))
         return out

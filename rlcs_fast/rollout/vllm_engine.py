@@ -188,7 +188,8 @@ class VLLMEngine:
     def __init__(self, model_path: str, *, gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1,
                  max_num_batched_tokens: int = 16384, enforce_eager: bool = False,
                  enable_prefix_caching: bool = True, max_model_len: int = 4096, seed: int = 0,
-                 eos_token_id: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
+                 eos_token_id: int | None = None, min_pixels: int | None = None,
+                 max_pixels: int | None = None,
                  max_images_per_prompt: int = 4, dtype: str = "auto", load_format: str = "dummy",
                  sleep_level: int = 2, enable_sleep_mode: bool | None = None, max_num_seqs: int = 256):
         on_gpu = torch.cuda.is_available()
@@ -235,7 +236,8 @@ class VLLMEngine:
             model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, load_format=load_format,
             tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher",
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
+            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+            enforce_eager=enforce_eager,
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=True,
             enable_sleep_mode=self.sleep_mode,
             # the model's own log-probs, before temperature, top-p and the ban: "processed" ones are

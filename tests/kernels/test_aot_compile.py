@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _report(tmp_path, archs, first_only):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(ROOT / "bench" / "aot_report.py"), "--arch", *map(str, archs), "--out", str(tmp_path)]
+    cmd = [sys.executable, str(ROOT / "bench" / "aot_report.py"), "--arch", *map(str, archs), "--out",
+           str(tmp_path)]
     if first_only:
         cmd.append("--first-config-only")
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
@@ -38,7 +39,8 @@ def _check(rows):
     assert rows
     for r in rows:
         where = f"{r['kernel']} {r['config']} {r['arch']}"
-        assert r["smem"] <= r["smem_limit"], f"shared memory {r['smem']} B over {r['smem_limit']} B in {where}"
+        assert r["smem"] <= r["smem_limit"], (f"shared memory {r['smem']} B over {r['smem_limit']} B "
+                                              f"in {where}")
         assert r["regs"] <= 255, f"{r['regs']} registers in {where}"
         assert (r["spill_stores"], r["spill_loads"], r["stack"], r["local_ops"]) == (0, 0, 0, 0), (
             f"register spills in {where}: {r['spill_stores']} B stored, {r['spill_loads']} B loaded, "

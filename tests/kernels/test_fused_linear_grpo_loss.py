@@ -25,16 +25,19 @@ CASES = [
     dict(agg="token_mean"),
     dict(agg="seq_mean_token_mean", clip_dual=3.0, kl_coef=0.1, kl_type="low_var_kl", temperature=0.7),
     dict(agg="seq_mean_token_sum", kl_coef=0.05, kl_type="mse", with_entropy=True),
-    dict(agg="seq_mean_token_sum_norm", norm_len=32, kl_coef=0.2, kl_type="kl", clip_high=0.28, temperature=1.3),
+    dict(agg="seq_mean_token_sum_norm", norm_len=32, kl_coef=0.2, kl_type="kl", clip_high=0.28,
+         temperature=1.3),
 ]
 
 
 def _composed(hidden, weight, targets, old, adv, mask, ref, seq_ids, case, impl):
     case = dict(case)
     temperature, with_entropy = case.pop("temperature", 1.0), case.pop("with_entropy", False)
-    out = fused_linear_logprob(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy, impl=impl)
+    out = fused_linear_logprob(hidden, weight, targets, temperature=temperature,
+                               with_entropy=with_entropy, impl=impl)
     lp, ent = out if with_entropy else (out, None)
-    loss, stats = grpo_loss(lp, old, adv, mask, ref_logprobs=ref if case.get("kl_coef") else None, seq_ids=seq_ids,
+    loss, stats = grpo_loss(lp, old, adv, mask, ref_logprobs=ref if case.get("kl_coef") else None,
+                            seq_ids=seq_ids,
                             impl=impl, **case)  # fmt: skip
     if with_entropy:
         stats["entropy"] = ent.detach()[mask].mean()
@@ -44,7 +47,8 @@ def _composed(hidden, weight, targets, old, adv, mask, ref, seq_ids, case, impl)
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("case", CASES, ids=[c["agg"] for c in CASES])
 def test_fused_equals_composition(impl, case):
-    hidden, weight, targets, old, adv, mask, ref, seq_ids = _inputs(41, 40, 90, torch.float32, seed=len(case["agg"]))
+    hidden, weight, targets, old, adv, mask, ref, seq_ids = _inputs(41, 40, 90, torch.float32,
+                                                                    seed=len(case["agg"]))
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     c = dict(case)
     loss, stats = fused_linear_grpo_loss(
@@ -88,7 +92,8 @@ def test_tied_embedding_gradient():
     hidden, weight, targets, old, adv, mask, ref, seq_ids = _inputs(23, 32, 64, torch.float32, seed=4)
     ids = torch.randint(0, 64, (23,), generator=torch.Generator().manual_seed(0))
     w1 = weight.clone().requires_grad_()
-    loss, _ = fused_linear_grpo_loss(torch.tanh(w1[ids]), w1, targets, old, adv, mask, seq_ids=seq_ids, chunk_size=8)
+    loss, _ = fused_linear_grpo_loss(torch.tanh(w1[ids]), w1, targets, old, adv, mask, seq_ids=seq_ids,
+                                     chunk_size=8)
     loss.backward()
     w2 = weight.double().requires_grad_()
     lp = torch.log_softmax(torch.tanh(w2[ids]) @ w2.t(), -1).gather(1, targets[:, None])[:, 0]
@@ -99,7 +104,8 @@ def test_tied_embedding_gradient():
 
 def test_entropy_stat_is_masked_token_mean():
     hidden, weight, targets, old, adv, mask, ref, seq_ids = _inputs(30, 16, 50, torch.float32, seed=2)
-    _, stats = fused_linear_grpo_loss(hidden, weight, targets, old, adv, mask, with_entropy=True, chunk_size=8)
+    _, stats = fused_linear_grpo_loss(hidden, weight, targets, old, adv, mask, with_entropy=True,
+                                      chunk_size=8)
     _, ent = fused_linear_logprob(hidden, weight, targets, with_entropy=True)
     torch.testing.assert_close(stats["entropy"], ent[mask].mean())
 

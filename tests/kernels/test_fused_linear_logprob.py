@@ -30,13 +30,15 @@ def _rel(a, b):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(
     "dtype,temperature,with_entropy",
-    [(torch.float32, 1.0, False), (torch.float32, 0.7, True), (torch.bfloat16, 1.3, True), (torch.bfloat16, 1.0, False)],
+    [(torch.float32, 1.0, False), (torch.float32, 0.7, True), (torch.bfloat16, 1.3, True),
+     (torch.bfloat16, 1.0, False)],
 )
 def test_values_and_gradients_match_float64(impl, dtype, temperature, with_entropy):
     # N, H, V are not multiples of the interpreter blocks (16, 16, 32); chunk 16 gives 3 backward chunks.
     hidden, weight, targets, g = _inputs(37, 48, 100, dtype, seed=1)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    out = fused_linear_logprob(h, w, targets, temperature=temperature, with_entropy=with_entropy, chunk_size=16, impl=impl)
+    out = fused_linear_logprob(h, w, targets, temperature=temperature, with_entropy=with_entropy,
+                               chunk_size=16, impl=impl)
     lp, ent = out if with_entropy else (out, None)
     assert lp.dtype == torch.float32 and lp.shape == (37,)
     g_lp, g_ent = torch.randn(37, generator=g), torch.randn(37, generator=g)
@@ -109,7 +111,8 @@ def test_sft_cross_entropy_is_mean_negative_logprob():
 
 
 class _LargestTensor(TorchDispatchMode):
-    """Largest tensor any out-of-place op creates (in-place ops such as the interpreter's copies allocate nothing)."""
+    """Largest tensor any out-of-place op creates (in-place ops such as the interpreter's copies allocate
+    nothing)."""
 
     def __init__(self):
         super().__init__()

@@ -161,7 +161,8 @@ def test_bad_options_raise():
     with pytest.raises(ValueError, match="agg"):
         grpo_loss(lp.float(), old.float(), adv.float(), mask, agg="seq-mean")
     with pytest.raises(ValueError, match="seq_ids"):
-        grpo_loss(lp.float().flatten(), old.float().flatten(), adv.float().flatten(), mask.flatten(), agg="seq_mean_token_mean")
+        grpo_loss(lp.float().flatten(), old.float().flatten(), adv.float().flatten(), mask.flatten(),
+                  agg="seq_mean_token_mean")
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])

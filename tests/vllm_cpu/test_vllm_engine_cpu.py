@@ -69,8 +69,10 @@ def push(engine: VLLMEngine, model: torch.nn.Module) -> None:
 def hf_greedy(model, requests, max_new: int, eos: int = EOS) -> list[list[int]]:
     out = []
     for r in requests:
-        gen = model.generate(r.prompt_ids[None], attention_mask=torch.ones_like(r.prompt_ids[None]), do_sample=False,
-                             max_new_tokens=max_new, eos_token_id=eos, pad_token_id=SPECIAL_IDS["<|endoftext|>"])
+        gen = model.generate(r.prompt_ids[None], attention_mask=torch.ones_like(r.prompt_ids[None]),
+                             do_sample=False,
+                             max_new_tokens=max_new, eos_token_id=eos,
+                             pad_token_id=SPECIAL_IDS["<|endoftext|>"])
         out.append(gen[0, r.prompt_ids.numel():].tolist())
     return out
 
