@@ -228,6 +228,10 @@ def test_regular_install_layout(regular):
     assert "kernels" not in installed, f"a top-level `kernels` package was installed: {installed}"
     assert (target / "rlcs_fast" / "kernels" / "__init__.py").is_file()
     assert not [n for n in installed if n.endswith(".dist-info") and not n.startswith("rlcs_fast")], installed
+    # every subpackage of the source tree ships (pyproject lists them one by one)
+    source = {p.parent.relative_to(REPO / "rlcs_fast") for p in (REPO / "rlcs_fast").rglob("__init__.py")}
+    missing = [str(d) for d in source if not (target / "rlcs_fast" / d / "__init__.py").is_file()]
+    assert not missing, f"subpackages missing from a regular install (pyproject `packages`): {missing}"
 
 
 def test_regular_install_from_other_dir(regular, tmp_path):
