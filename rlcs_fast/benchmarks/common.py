@@ -9,6 +9,8 @@ response without a final ``\\boxed{}`` is wrong here where a GPT extractor might
 from __future__ import annotations
 
 import re
+from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +151,23 @@ def data_root(source: str) -> Path | None:
     if path.is_file():
         return path.parent
     return path if path.is_dir() else None
+
+
+def accuracy_by(targets: list[dict[str, Any]], correct: list[float], keys: Sequence[str],
+                order: dict[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """Accuracy overall and per value of each metadata key (a list value counts toward each of its
+    items, as MathVista's skills do); a key no row carries gives no breakdown. ``order[key]`` lists the
+    values in the benchmark's own order (MathVerse's problem versions), else they are sorted."""
+    out: dict[str, Any] = {"accuracy": sum(correct) / max(len(correct), 1), "correct": int(sum(correct)),
+                           "total": len(correct)}
+    for key in keys:
+        groups: dict[str, list[float]] = defaultdict(list)
+        for t, c in zip(targets, correct):
+            values = t.get(key)
+            for v in values if isinstance(values, list) else [values]:
+                if v is not None:
+                    groups[str(v)].append(c)
+        if groups:
+            values = [v for v in (order or {}).get(key, sorted(groups)) if v in groups]
+            out[key] = {v: sum(groups[v]) / len(groups[v]) for v in values}
+    return out

@@ -19,10 +19,9 @@ all rows (the paper's "overall" on the five versions), per problem version and p
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from typing import Any
 
-from .common import boxed_answer, clean_latex, equivalent, option_letter, strip_unit
+from .common import accuracy_by, boxed_answer, clean_latex, equivalent, option_letter, strip_unit
 
 NAME = "mathverse"
 TITLE = "MathVerse"
@@ -95,16 +94,4 @@ def judge(response: str, t: dict[str, Any]) -> bool:
 
 
 def metrics(targets: list[dict[str, Any]], correct: list[float]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "accuracy": sum(correct) / max(len(correct), 1),
-        "correct": int(sum(correct)),
-        "total": len(correct),
-    }
-    for key in ("problem_version", "subject"):
-        groups: dict[str, list[float]] = defaultdict(list)
-        for t, c in zip(targets, correct):
-            if t.get(key) is not None:
-                groups[str(t[key])].append(c)
-        order = VERSIONS if key == "problem_version" else sorted(groups)
-        out[key] = {v: sum(groups[v]) / len(groups[v]) for v in order if v in groups}
-    return out
+    return accuracy_by(targets, correct, ("problem_version", "subject"), order={"problem_version": VERSIONS})

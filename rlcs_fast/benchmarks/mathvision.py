@@ -15,10 +15,9 @@ and a plain two-decimal comparison for numbers. Reported per subject and per lev
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from typing import Any
 
-from .common import as_float, boxed_answer, clean_latex, equivalent, option_letter
+from .common import accuracy_by, as_float, boxed_answer, clean_latex, equivalent, option_letter
 
 NAME = "mathvision"
 TITLE = "MathVision"
@@ -85,15 +84,4 @@ def judge(response: str, t: dict[str, Any]) -> bool:
 
 
 def metrics(targets: list[dict[str, Any]], correct: list[float]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "accuracy": sum(correct) / max(len(correct), 1),
-        "correct": int(sum(correct)),
-        "total": len(correct),
-    }
-    for key in ("subject", "level"):
-        groups: dict[str, list[float]] = defaultdict(list)
-        for t, c in zip(targets, correct):
-            if t.get(key) is not None:
-                groups[str(t[key])].append(c)
-        out[key] = {v: sum(cs) / len(cs) for v, cs in sorted(groups.items())}
-    return out
+    return accuracy_by(targets, correct, ("subject", "level"))

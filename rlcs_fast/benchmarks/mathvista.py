@@ -18,10 +18,18 @@ the reward's checker, which is what GPT's extraction into a number stood for.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from typing import Any
 
-from .common import as_float, boxed_answer, clean_latex, edit_distance, equivalent, option_letter, strip_unit
+from .common import (
+    accuracy_by,
+    as_float,
+    boxed_answer,
+    clean_latex,
+    edit_distance,
+    equivalent,
+    option_letter,
+    strip_unit,
+)
 
 NAME = "mathvista"
 TITLE = "MathVista"
@@ -111,18 +119,4 @@ def judge(response: str, t: dict[str, Any]) -> bool:
 
 def metrics(targets: list[dict[str, Any]], correct: list[float]) -> dict[str, Any]:
     """Accuracy overall and per metadata value, as the official score file lists them."""
-    out: dict[str, Any] = {
-        "accuracy": sum(correct) / max(len(correct), 1),
-        "correct": int(sum(correct)),
-        "total": len(correct),
-    }
-    for key in BREAKDOWNS:
-        groups: dict[str, list[float]] = defaultdict(list)
-        for t, c in zip(targets, correct):
-            values = t.get(key)
-            for v in values if isinstance(values, list) else [values]:
-                if v is not None:
-                    groups[str(v)].append(c)
-        if groups:
-            out[key] = {v: sum(cs) / len(cs) for v, cs in sorted(groups.items())}
-    return out
+    return accuracy_by(targets, correct, BREAKDOWNS)

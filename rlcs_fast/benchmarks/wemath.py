@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from .common import boxed_answer, clean_latex, option_letter
+from .common import accuracy_by, boxed_answer, clean_latex, option_letter
 
 NAME = "wemath"
 TITLE = "We-Math"
@@ -107,9 +107,7 @@ def metrics(targets: list[dict[str, Any]], correct: list[float]) -> dict[str, An
     subs = [s for g in groups for s in g[0]]
     two, three = [m for _, m, k in groups if k == 2], [m for _, m, k in groups if k == 3]
     return {
-        "accuracy": sum(correct) / max(len(correct), 1),
-        "correct": int(sum(correct)),
-        "total": len(correct),
+        **accuracy_by(targets, correct, ()),
         **four_dimensional(groups),
         "S1": sum(subs) / max(len(subs), 1),
         "S2": sum(two) / max(len(two), 1),
