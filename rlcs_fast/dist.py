@@ -39,8 +39,7 @@ def check_collective(t: torch.Tensor, what: str) -> None:
     backend = group_backend(simulated == "cuda")
     if t.device.type not in backend_devices(backend):
         raise RuntimeError(f"{what} of a {t.device.type} tensor {tuple(t.shape)}: a {simulated} run's "
-                           "process "
-                           f"group ({backend!r}) has no backend for {t.device.type} tensors")
+                           f"process group ({backend!r}) has no backend for {t.device.type} tensors")
 
 
 def init(device: str, timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
