@@ -54,6 +54,15 @@ STATS_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_H": 64}, num_warps=8, num_stages=3),
 ]
+# With the raw (T = 1) log-sum-exp the epilogue folds each tile twice; 64 accumulator registers per thread
+# then spill on sm_90a and sm_80 (128×128 on 8 warps: 56 B / 128 B with the fused op's entropy and stored
+# logits; on 16 warps ptxas caps registers at 128 and spills too). 32 per thread fit with room to spare.
+STATS_RAW_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_H": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_H": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3),
+]
 # The backward's epilogue is a single elementwise pass, lighter than the forward's: 4-warp tiles with 64
 # accumulator registers per thread fit too (128×256 on 8 warps spilled 480 B on sm_80).
 DLOGITS_CONFIGS = [
@@ -114,24 +123,22 @@ def _stats_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
+        z = _logit_tile(h_ptr, w_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn, stride_wv,
+                        UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
         if WITH_RAW:
             # The same logit tile at T = 1 folded into a second online softmax (m1, s1); zt then holds the
             # raw target logit (the pick is exact, so zt · inv_temp on the host is this tile's z bit for bit).
-            z1 = _logit_tile(h_ptr, w_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn, stride_wv,
-                             UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
-            zt_i += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z1, 0.0), axis=1)
-            z1_masked = tl.where(mask_v[None, :], z1, float("-inf"))
+            zt_i += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+            z1_masked = tl.where(mask_v[None, :], z, float("-inf"))
             m1_new = tl.maximum(m1_i, tl.max(z1_masked, axis=1))
             s1_i = s1_i * tl.exp(m1_i - m1_new) + tl.sum(tl.exp(z1_masked - m1_new[:, None]), axis=1)
             m1_i = m1_new
-            z = z1 * inv_temp
-        else:
-            z = _logit_tile(h_ptr, w_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn, stride_wv,
-                            UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H) * inv_temp  # fmt: skip
-            zt_i += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+        z = z * inv_temp
         if STORE_LOGITS:
             l_ptrs = logits_ptr + offs_n.to(tl.int64)[:, None] * stride_ln + offs_v[None, :]
             tl.store(l_ptrs, z, mask=mask_n[:, None] & mask_v[None, :])
+        if not WITH_RAW:
+            zt_i += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
         z_masked = tl.where(mask_v[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z_masked, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -189,8 +196,8 @@ def _dlogits_kernel(
     tl.store(dl_ptrs, dl.to(dl_ptr.dtype.element_ty), mask=mask)
 
 
-_stats_tuned = autotuned(_stats_kernel, STATS_CONFIGS,
-                         key=["H", "V", "STORE_LOGITS", "WITH_ENTROPY", "WITH_RAW"])
+_stats_tuned = autotuned(_stats_kernel, STATS_CONFIGS, key=["H", "V", "STORE_LOGITS", "WITH_ENTROPY"])
+_stats_raw_tuned = autotuned(_stats_kernel, STATS_RAW_CONFIGS, key=["H", "V", "STORE_LOGITS", "WITH_ENTROPY"])
 _dlogits_tuned = autotuned(_dlogits_kernel, DLOGITS_CONFIGS, key=["H", "V", "RECOMPUTE", "WITH_ENTROPY"])
 _BLOCKS = ("BLOCK_N", "BLOCK_V", "BLOCK_H")
 
@@ -230,7 +237,7 @@ def triton_stats(
         return (triton.cdiv(N, meta["BLOCK_N"]), splits)
 
     launch(
-        _stats_kernel, _stats_tuned, grid,
+        _stats_kernel, _stats_raw_tuned if with_raw else _stats_tuned, grid,
         hidden, weight, targets, m, s, t, zt, logits, m1, s1,
         N, V, H, v_per_split, inv_temp,
         hidden.stride(0), weight.stride(0), logits.stride(0) if store else 0,
