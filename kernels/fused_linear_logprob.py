@@ -8,7 +8,9 @@ Kernels (Cut-Cross-Entropy style; every matmul is a bf16 ``tl.dot`` with a float
   [BLOCK_N, BLOCK_V] of its vocabulary range with ``tl.dot`` over H, and folds them into an online softmax
   (running max, sum of exponentials, and sum of p·z for the entropy) plus the target logit. Only
   [splits, N] partials reach memory; torch merges them. Splitting the vocabulary keeps every SM busy at the
-  small token counts of a GRPO micro-batch.
+  small token counts of a GRPO micro-batch. With ``WITH_RAW`` (``raw_logprobs_out=``, a rollout temperature
+  != 1) it folds each tile a second time, unscaled: the log-probs at T = 1 that engines report, for the
+  price of one more exponential per logit instead of a second lm-head pass (2·N·H·V FLOPs).
 - ``_dlogits_kernel`` (backward), grid (token blocks, vocabulary blocks) over one chunk of tokens:
   recomputes the logit tile (or, for the fused GRPO op, reads the tile stored by the forward) and writes
   dlogits = (g_lp·(onehot − p) − g_ent·p·(z − lse + H)) / temperature in the input dtype.
