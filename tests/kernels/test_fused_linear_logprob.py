@@ -165,8 +165,7 @@ class _LogitGEMMs(TorchDispatchMode):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(
     "dtype,temperature,with_entropy",
-    [(torch.float32, 0.7, False), (torch.float32, 1.3, True), (torch.bfloat16, 0.7, True),
-     (torch.float32, 1.0, False)],
+    [(torch.float32, 0.7, False), (torch.bfloat16, 1.3, True), (torch.float32, 1.0, True)],
 )
 def test_raw_logprobs_at_t1_in_the_same_pass(impl, dtype, temperature, with_entropy):
     # The log-probs at T = 1 (what engines report) come out of the pass that computes those at
