@@ -68,8 +68,8 @@ def _kernels() -> list[dict]:
     splits = max(1, min(triton.cdiv(V, 2048), triton.cdiv(2 * N_SM, triton.cdiv(N, 128))))
     v_per_split = triton.cdiv(triton.cdiv(V, splits), 256) * 256
     stats_args = dict(h_ptr=bf, w_ptr=bf, tgt_ptr=i64, m_ptr=f32, s_ptr=f32, t_ptr=f32, zt_ptr=f32,
-                      logits_ptr=f32, N=N, V=V, H=H, v_per_split=v_per_split, inv_temp=1.0,
-                      stride_hn=H, stride_wv=H, stride_ln=V)  # fmt: skip
+                      logits_ptr=f32, m1_ptr=f32, s1_ptr=f32, N=N, V=V, H=H, v_per_split=v_per_split,
+                      inv_temp=1.0, stride_hn=H, stride_wv=H, stride_ln=V)  # fmt: skip
     dl_args = dict(h_ptr=bf, w_ptr=bf, logits_ptr=f32, tgt_ptr=i64, lse_ptr=f32, ent_ptr=f32, g_lp_ptr=f32,
                    g_ent_ptr=f32, dl_ptr=bf, N=N, V=V, H=H, inv_temp=1.0,
                    stride_hn=H, stride_wv=H, stride_ln=V, stride_dn=V)  # fmt: skip
@@ -90,9 +90,18 @@ def _kernels() -> list[dict]:
     grpo_cfg = [{"kwargs": {"BLOCK_T": gl.GRPO_BLOCK_T}, "num_warps": gl.GRPO_NUM_WARPS, "num_stages": 3}]
     return [
         {"name": "stats(fwd, +entropy)", "fn": fll._stats_kernel, "args": stats_args, "dot": True,
-         "const": {"STORE_LOGITS": False, "WITH_ENTROPY": True, **dot}, "configs": cfgs(fll.STATS_CONFIGS)},
+         "const": {"STORE_LOGITS": False, "WITH_ENTROPY": True, "WITH_RAW": False, **dot},
+         "configs": cfgs(fll.STATS_CONFIGS)},
         {"name": "stats(fused, store logits)", "fn": fll._stats_kernel, "args": stats_args, "dot": True,
-         "const": {"STORE_LOGITS": True, "WITH_ENTROPY": False, **dot}, "configs": cfgs(fll.STATS_CONFIGS)},
+         "const": {"STORE_LOGITS": True, "WITH_ENTROPY": False, "WITH_RAW": False, **dot},
+         "configs": cfgs(fll.STATS_CONFIGS)},
+        # T != 1: the old-policy pass and the on-policy update also fold the tiles at T = 1 (raw log-probs)
+        {"name": "stats(fwd, +raw)", "fn": fll._stats_kernel, "args": stats_args, "dot": True,
+         "const": {"STORE_LOGITS": False, "WITH_ENTROPY": False, "WITH_RAW": True, **dot},
+         "configs": cfgs(fll.STATS_RAW_CONFIGS)},
+        {"name": "stats(fused, +entropy, +raw)", "fn": fll._stats_kernel, "args": stats_args, "dot": True,
+         "const": {"STORE_LOGITS": True, "WITH_ENTROPY": True, "WITH_RAW": True, **dot},
+         "configs": cfgs(fll.STATS_RAW_CONFIGS)},
         {"name": "dlogits(recompute, +entropy)", "fn": fll._dlogits_kernel, "args": dl_args, "dot": True,
          "const": {"RECOMPUTE": True, "WITH_ENTROPY": True, **dot}, "configs": cfgs(fll.DLOGITS_CONFIGS)},
         {"name": "dlogits(stored logits)", "fn": fll._dlogits_kernel, "args": dl_args, "dot": False,

@@ -91,3 +91,40 @@ def test_fused_linear_grpo_loss(benchmark, bench_run, shape, method, mode):
     if run.ci:  # the same loss as float64 math on the same inputs
         expected = naive(h.double(), w.double(), t, old.double(), adv.double(), mask, ref.double())
         assert_close(f(), expected, 1e-2, method)
+
+
+RAW_T = 0.7  # the 7B recipe's rollout temperature
+RAW_METHODS = ["rlcs_triton_two_pass", "rlcs_triton_one_pass"]  # the baseline first: the ratio needs it
+
+
+@pytest.mark.parametrize("method", RAW_METHODS)
+def test_raw_logprobs_on_policy_update(benchmark, bench_run, shape, method):
+    # The on-policy update at T != 1 hands rollout/logprob_diff the log-probs at T = 1: a no-grad lm-head
+    # pass beside the loss (before) or a second log-sum-exp in the loss's own pass (raw_logprobs_out).
+    run = bench_run
+    rec = Record("fused_linear_grpo_loss", "fwd+bwd", method, shape["model"], shape["N"], shape["H"],
+                 shape["V"], variant=f"+raw (T={RAW_T}, on-policy)")
+    h, w, t, _, seq_adv, mask, ref, seq_len = inputs(run, shape, grad=True)
+    adv = seq_adv.repeat_interleave(seq_len)
+    raw = torch.empty(shape["N"], device=run.device)
+    options = dict(OPTIONS, temperature=RAW_T, with_entropy=True, impl=run.impl)
+    if method == "rlcs_triton_two_pass":
+        def f():
+            with torch.no_grad():
+                raw.copy_(fused_linear_logprob(h.detach(), w.detach(), t, impl=run.impl))
+            return fused_linear_grpo_loss(h, w, t, None, adv, mask, ref_logprobs=ref, **options)[0]
+        passes = 4  # logits twice, dh, dW
+    else:
+        def f():
+            return fused_linear_grpo_loss(h, w, t, None, adv, mask, ref_logprobs=ref, raw_logprobs_out=raw,
+                                          **options)[0]  # fmt: skip
+        passes = 3
+    run_case(benchmark, run, rec, f, [h, w], matmul_flops=2 * passes * shape["N"] * shape["H"] * shape["V"])
+    base = next((r for r in run.records if r.op == rec.op and r.variant == rec.variant
+                 and r.method == "rlcs_triton_two_pass" and (r.model, r.N) == (rec.model, rec.N)), None)
+    if method == "rlcs_triton_one_pass" and base is not None and base.median_ms and rec.median_ms:
+        rec.extra["speedup_vs_two_pass"] = base.median_ms / rec.median_ms
+    if run.ci:
+        f()
+        want = torch.log_softmax(h.double() @ w.double().t(), -1).gather(1, t[:, None])[:, 0]
+        assert_close(raw, want, 1e-2, f"{method} T=1")

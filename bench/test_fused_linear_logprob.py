@@ -75,3 +75,39 @@ def test_fused_linear_logprob(benchmark, bench_run, shape, method, mode, with_en
         outs, refs = (out, ref) if with_entropy else ((out,), (ref,))
         for a, e, name in zip(outs, refs, ("logprob", "entropy")):
             assert_close(a, e, 1e-2, f"{method} {name}")
+
+
+RAW_T = 0.7  # the 7B recipe's rollout temperature
+RAW_METHODS = ["rlcs_triton_two_pass", "rlcs_triton_one_pass"]  # the baseline first: the ratio needs it
+
+
+@pytest.mark.parametrize("method", RAW_METHODS)
+def test_raw_logprobs(benchmark, bench_run, shape, method):
+    # The old-policy pass at T != 1 also needs the log-probs at T = 1 (engines report those): a second
+    # lm-head pass (before) or a second log-sum-exp of the same logit tiles (raw_logprobs_out).
+    run = bench_run
+    rec = Record("fused_linear_logprob", "fwd", method, shape["model"], shape["N"], shape["H"], shape["V"],
+                 variant=f"+raw (T={RAW_T})")
+    h, w, t = inputs(run, shape, grad=False)
+    raw = torch.empty(shape["N"], device=run.device)
+    if method == "rlcs_triton_two_pass":
+        def f():
+            lp = fused_linear_logprob(h, w, t, temperature=RAW_T, impl=run.impl)
+            raw.copy_(fused_linear_logprob(h, w, t, impl=run.impl))
+            return lp
+        passes = 2
+    else:
+        def f():
+            return fused_linear_logprob(h, w, t, temperature=RAW_T, impl=run.impl, raw_logprobs_out=raw)
+        passes = 1
+    run_case(benchmark, run, rec, f, [h, w], matmul_flops=2 * passes * shape["N"] * shape["H"] * shape["V"])
+    base = next((r for r in run.records if r.op == rec.op and r.variant == rec.variant
+                 and r.method == "rlcs_triton_two_pass" and (r.model, r.N) == (rec.model, rec.N)), None)
+    if method == "rlcs_triton_one_pass" and base is not None and base.median_ms and rec.median_ms:
+        rec.extra["speedup_vs_two_pass"] = base.median_ms / rec.median_ms
+    if run.ci:
+        lp = f()
+        logits = h.double() @ w.double().t()
+        for got, temp in ((lp, RAW_T), (raw, 1.0)):
+            want = torch.log_softmax(logits / temp, -1).gather(1, t[:, None])[:, 0]
+            assert_close(got, want, 1e-2, f"{method} T={temp}")

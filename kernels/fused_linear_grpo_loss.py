@@ -33,7 +33,13 @@ from ._common import (
     linear_backward_chunk,
     use_triton,
 )
-from .fused_linear_logprob import torch_dlogits, torch_stats_chunk, triton_dlogits, triton_stats
+from .fused_linear_logprob import (
+    check_raw_out,
+    torch_dlogits,
+    torch_stats_chunk,
+    triton_dlogits,
+    triton_stats,
+)
 from .grpo_loss import (
     STAT,
     GRPOOptions,
@@ -62,7 +68,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, hidden, weight, targets, old, adv, mask, ref, w, opts, inv_temp, with_entropy, via_triton, chunk,
-        lp_out,
+        lp_out, raw_out,
     ):  # fmt: skip
         N, V = hidden.shape[0], weight.shape[0]
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -79,16 +85,18 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
             sl = slice(c0, c0 + chunk)
             h_c, t_c, n_c = hidden[sl], targets[sl], min(chunk, N - c0)
             ref_c = None if ref is None else ref[sl]
+            raw_c = None if raw_out is None else raw_out[sl]
             if via_triton:
                 logits = logits_buf[:n_c]
-                lse, zt, ent = triton_stats(h_c, weight, t_c, inv_temp, with_entropy, logits_out=logits)
+                lse, zt, ent = triton_stats(h_c, weight, t_c, inv_temp, with_entropy, logits_out=logits,
+                                            raw_logprobs_out=raw_c)  # fmt: skip
                 lp = zt - lse
                 g, s = triton_terms(lp, lp if old is None else old[sl], adv[sl], mask[sl], w[sl], ref_c, opts)
                 if need_dh or need_dw:
                     dl = triton_dlogits(h_c, weight, t_c, lse, None, g, None, inv_temp, dl_buf[:n_c],
                                         logits=logits)  # fmt: skip
             else:
-                z, lse, zt, ent = torch_stats_chunk(h_c, weight, t_c, inv_temp)
+                z, lse, zt, ent = torch_stats_chunk(h_c, weight, t_c, inv_temp, raw_logprobs_out=raw_c)
                 # The same float32 log-prob the unfused op returns, so both paths agree bit for bit upstream.
                 lp = (zt - lse).float().to(z.dtype)
                 old_c = lp if old is None else old[sl]
@@ -113,7 +121,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         dh = None if dh is None else dh * g_loss.to(dh.dtype)
         dw = None if dw is None else dw * g_loss.to(dw.dtype)
-        return (dh, dw) + (None,) * 12
+        return (dh, dw) + (None,) * 13
 
 
 def _fused_linear_grpo_loss(
@@ -133,6 +141,7 @@ def _fused_linear_grpo_loss(
     chunk_size: int | None,
     logprobs_out: torch.Tensor | None,
     via_triton: bool,
+    raw_logprobs_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     check_linear_inputs(hidden, weight, targets)
     N = hidden.shape[0]
@@ -145,6 +154,7 @@ def _fused_linear_grpo_loss(
     if N == 0:
         raise ValueError("fused_linear_grpo_loss got no tokens (hidden is [0, H])")
     assert logprobs_out is None or logprobs_out.dtype == torch.float32, f"logprobs_out: {logprobs_out.dtype}"
+    check_raw_out(raw_logprobs_out, N)
     opts.validate(ref_logprobs is not None)
     w = token_weights(mask, opts.agg, norm_len=opts.norm_len, seq_ids=seq_ids, num_seqs=num_seqs).contiguous()
 
@@ -152,12 +162,19 @@ def _fused_linear_grpo_loss(
         return None if t is None else t.to(dtype).contiguous()
 
     chunk = min(chunk_size or default_chunk_size(N, weight.shape[0]), N)
+    # At T = 1 the raw log-probs are the log-probs themselves: copied from logprobs_out, no second softmax.
+    raw_in_kernel = raw_logprobs_out if float(temperature) != 1.0 else None
+    if raw_logprobs_out is not None and raw_in_kernel is None and logprobs_out is None:
+        logprobs_out = torch.empty_like(raw_logprobs_out)
     if via_triton:
         hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     loss, sums, ent = _FusedLinearGRPOLoss.apply(
         hidden, weight, targets, prep(old_logprobs), prep(advantages), prep(mask, torch.uint8),
         prep(ref_logprobs), w, opts, 1.0 / float(temperature), with_entropy, via_triton, chunk, logprobs_out,
+        raw_in_kernel,
     )  # fmt: skip
+    if raw_logprobs_out is not None and raw_in_kernel is None:
+        raw_logprobs_out.copy_(logprobs_out)
     stats = finish_stats(sums)
     if with_entropy:
         stats["entropy"] = ent
@@ -187,6 +204,7 @@ def fused_linear_grpo_loss(
     chunk_size: int | None = None,
     impl: str = "auto",
     logprobs_out: torch.Tensor | None = None,
+    raw_logprobs_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``grpo_loss(fused_linear_logprob(hidden, weight, targets, temperature=...), ...)`` as one op.
 
@@ -197,7 +215,9 @@ def fused_linear_grpo_loss(
     chunk·V ≈ 2^29); ``impl`` as in :func:`fused_linear_logprob` ("torch": token chunks, gradients formed in
     the forward, in pure torch). ``old_logprobs=None``: on-policy, the old log-probs are this forward's own
     (detached; ratio exactly 1), which saves the separate no-grad forward of the old policy.
-    ``logprobs_out`` [N] float32, if given, receives the detached log-probs.
+    ``logprobs_out`` [N] float32, if given, receives the detached log-probs; ``raw_logprobs_out`` [N] float32
+    the log-probs at T = 1 (engines report those), from a second log-sum-exp in the same pass over the
+    vocabulary: no second lm-head GEMM.
     """
     via_triton = use_triton(impl, hidden, weight)
     opts = GRPOOptions(clip_low=clip_low, clip_high=clip_high, clip_dual=clip_dual, kl_coef=kl_coef,
@@ -205,7 +225,7 @@ def fused_linear_grpo_loss(
     return _fused_linear_grpo_loss(
         hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs, seq_ids, num_seqs, opts,
         temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size, logprobs_out=logprobs_out,
-        via_triton=via_triton,
+        via_triton=via_triton, raw_logprobs_out=raw_logprobs_out,
     )  # fmt: skip
 
 

@@ -8,7 +8,9 @@ Kernels (Cut-Cross-Entropy style; every matmul is a bf16 ``tl.dot`` with a float
   [BLOCK_N, BLOCK_V] of its vocabulary range with ``tl.dot`` over H, and folds them into an online softmax
   (running max, sum of exponentials, and sum of p·z for the entropy) plus the target logit. Only
   [splits, N] partials reach memory; torch merges them. Splitting the vocabulary keeps every SM busy at the
-  small token counts of a GRPO micro-batch.
+  small token counts of a GRPO micro-batch. With ``WITH_RAW`` (``raw_logprobs_out=``, a rollout temperature
+  != 1) it folds each tile a second time, unscaled: the log-probs at T = 1 that engines report, for the
+  price of one more exponential per logit instead of a second lm-head pass (2·N·H·V FLOPs).
 - ``_dlogits_kernel`` (backward), grid (token blocks, vocabulary blocks) over one chunk of tokens:
   recomputes the logit tile (or, for the fused GRPO op, reads the tile stored by the forward) and writes
   dlogits = (g_lp·(onehot − p) − g_ent·p·(z − lse + H)) / temperature in the input dtype.
@@ -54,6 +56,15 @@ STATS_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_H": 64}, num_warps=8, num_stages=3),
 ]
+# With the raw (T = 1) log-sum-exp the epilogue folds each tile twice; 64 accumulator registers per thread
+# then spill on sm_90a and sm_80 (128×128 on 8 warps: 56 B / 128 B with the fused op's entropy and stored
+# logits; on 16 warps ptxas caps registers at 128 and spills too). 32 per thread fit with room to spare.
+STATS_RAW_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_H": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_H": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3),
+]
 # The backward's epilogue is a single elementwise pass, lighter than the forward's: 4-warp tiles with 64
 # accumulator registers per thread fit too (128×256 on 8 warps spilled 480 B on sm_80).
 DLOGITS_CONFIGS = [
@@ -90,12 +101,13 @@ def _logit_tile(
 
 @triton.jit
 def _stats_kernel(
-    h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr, zt_ptr, logits_ptr,
+    h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr, zt_ptr, logits_ptr, m1_ptr, s1_ptr,
     N, V, H, v_per_split, inv_temp,
     stride_hn, stride_wv, stride_ln,
     STORE_LOGITS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    WITH_RAW: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -106,17 +118,29 @@ def _stats_kernel(
     s_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
     zt_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    m1_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s1_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
     v_start = split * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
         z = _logit_tile(h_ptr, w_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn, stride_wv,
-                        UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H) * inv_temp  # fmt: skip
+                        UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+        if WITH_RAW:
+            # The same logit tile at T = 1 folded into a second online softmax (m1, s1); zt then holds the
+            # raw target logit (the pick is exact, so zt · inv_temp on the host is this tile's z bit for bit).
+            zt_i += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+            z1_masked = tl.where(mask_v[None, :], z, float("-inf"))
+            m1_new = tl.maximum(m1_i, tl.max(z1_masked, axis=1))
+            s1_i = s1_i * tl.exp(m1_i - m1_new) + tl.sum(tl.exp(z1_masked - m1_new[:, None]), axis=1)
+            m1_i = m1_new
+        z = z * inv_temp
         if STORE_LOGITS:
             l_ptrs = logits_ptr + offs_n.to(tl.int64)[:, None] * stride_ln + offs_v[None, :]
             tl.store(l_ptrs, z, mask=mask_n[:, None] & mask_v[None, :])
-        zt_i += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+        if not WITH_RAW:
+            zt_i += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
         z_masked = tl.where(mask_v[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z_masked, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -132,6 +156,9 @@ def _stats_kernel(
     tl.store(zt_ptr + out, zt_i, mask=mask_n)
     if WITH_ENTROPY:
         tl.store(t_ptr + out, t_i, mask=mask_n)
+    if WITH_RAW:
+        tl.store(m1_ptr + out, m1_i, mask=mask_n)
+        tl.store(s1_ptr + out, s1_i, mask=mask_n)
 
 
 @triton.jit
@@ -172,6 +199,7 @@ def _dlogits_kernel(
 
 
 _stats_tuned = autotuned(_stats_kernel, STATS_CONFIGS, key=["H", "V", "STORE_LOGITS", "WITH_ENTROPY"])
+_stats_raw_tuned = autotuned(_stats_kernel, STATS_RAW_CONFIGS, key=["H", "V", "STORE_LOGITS", "WITH_ENTROPY"])
 _dlogits_tuned = autotuned(_dlogits_kernel, DLOGITS_CONFIGS, key=["H", "V", "RECOMPUTE", "WITH_ENTROPY"])
 _BLOCKS = ("BLOCK_N", "BLOCK_V", "BLOCK_H")
 
@@ -184,8 +212,10 @@ def triton_stats(
     inv_temp: float,
     with_entropy: bool,
     logits_out: torch.Tensor | None = None,
+    raw_logprobs_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(lse [N], target logit [N], entropy [N] or None), float32; fills ``logits_out`` [N, V] if given."""
+    """(lse [N], target logit [N], entropy [N] or None), float32; fills ``logits_out`` [N, V] if given, and
+    ``raw_logprobs_out`` [N] with the log-probs at T = 1 from the same pass over the vocabulary."""
     N, H = hidden.shape
     V = weight.shape[0]
     if INTERPRET:
@@ -198,8 +228,10 @@ def triton_stats(
     # Split boundaries on multiples of the largest BLOCK_V keep every tile but the last one full.
     v_per_split = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
     splits = triton.cdiv(V, v_per_split)
-    part = torch.empty((4, splits, N), device=hidden.device, dtype=torch.float32)
-    m, s, t, zt = part.unbind(0)
+    with_raw = raw_logprobs_out is not None
+    part = torch.empty((6 if with_raw else 4, splits, N), device=hidden.device, dtype=torch.float32)
+    m, s, t, zt = part[:4].unbind(0)
+    m1, s1 = part[4:].unbind(0) if with_raw else (m, s)  # dummy pointers without the raw pass
     store = logits_out is not None
     logits = logits_out if store else part  # a dummy pointer when nothing is stored
 
@@ -207,11 +239,11 @@ def triton_stats(
         return (triton.cdiv(N, meta["BLOCK_N"]), splits)
 
     launch(
-        _stats_kernel, _stats_tuned, grid,
-        hidden, weight, targets, m, s, t, zt, logits,
+        _stats_kernel, _stats_raw_tuned if with_raw else _stats_tuned, grid,
+        hidden, weight, targets, m, s, t, zt, logits, m1, s1,
         N, V, H, v_per_split, inv_temp,
         hidden.stride(0), weight.stride(0), logits.stride(0) if store else 0,
-        names=_BLOCKS, STORE_LOGITS=store, WITH_ENTROPY=with_entropy,
+        names=_BLOCKS, STORE_LOGITS=store, WITH_ENTROPY=with_entropy, WITH_RAW=with_raw,
         UPCAST=INTERPRET, INPUT_PRECISION=dot_precision(hidden.dtype),
     )  # fmt: skip
     m_max = m.max(dim=0).values
@@ -219,7 +251,14 @@ def triton_stats(
     sum_exp = (s * scale).sum(dim=0)
     lse = m_max + torch.log(sum_exp)
     entropy = lse - (t * scale).sum(dim=0) / sum_exp if with_entropy else None
-    return lse, zt.sum(dim=0), entropy
+    zt = zt.sum(dim=0)
+    if with_raw:
+        # zt is the raw target logit here; scaled as the kernel scales its tiles (the same float32 product)
+        m1_max = m1.max(dim=0).values
+        lse1 = m1_max + torch.log((s1 * torch.exp(m1 - m1_max)).sum(dim=0))
+        raw_logprobs_out.copy_(zt - lse1)
+        zt = zt * inv_temp
+    return lse, zt, entropy
 
 
 def triton_dlogits(
@@ -257,15 +296,28 @@ def triton_dlogits(
 
 
 # ----------------------------------------------------------------------------------------------- torch path
-def torch_stats_chunk(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temp: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits [n, V] (compute dtype), lse, target logit and entropy of one token chunk, in torch."""
-    ct = compute_dtype(h.dtype)
-    z = (h.to(ct) @ weight.to(ct).t()) * inv_temp
-    lse = torch.logsumexp(z, dim=-1)
+def _target_logit(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """z[n, targets[n]], 0 for a target outside [0, V)."""
     valid = (targets >= 0) & (targets < z.shape[1])
-    zt = torch.where(valid, z.gather(1, targets.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
+    return torch.where(valid, z.gather(1, targets.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
+
+
+def torch_stats_chunk(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    inv_temp: float,
+    raw_logprobs_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits [n, V] (compute dtype), lse, target logit and entropy of one token chunk, in torch; fills
+    ``raw_logprobs_out`` [n] with the log-probs at T = 1 of the same logits."""
+    ct = compute_dtype(h.dtype)
+    z = h.to(ct) @ weight.to(ct).t()
+    if raw_logprobs_out is not None:
+        raw_logprobs_out.copy_(_target_logit(z, targets) - torch.logsumexp(z, dim=-1))
+    z = z * inv_temp
+    lse = torch.logsumexp(z, dim=-1)
+    zt = _target_logit(z, targets)
     entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
     return z, lse, zt, entropy
 
@@ -290,17 +342,20 @@ def torch_dlogits(
 # ---------------------------------------------------------------------------------------- autograd Function
 class _FusedLinearLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, with_entropy, via_triton, chunk_size):
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, via_triton, chunk_size, raw_out):
         inv_temp = 1.0 / temperature
         N = hidden.shape[0]
         if via_triton:
-            lse, zt, entropy = triton_stats(hidden, weight, targets, inv_temp, with_entropy)
+            lse, zt, entropy = triton_stats(hidden, weight, targets, inv_temp, with_entropy,
+                                            raw_logprobs_out=raw_out)  # fmt: skip
         else:
             lse = torch.empty(N, device=hidden.device, dtype=torch.float32)
             zt, entropy = torch.empty_like(lse), torch.empty_like(lse)
             for c0 in range(0, N, chunk_size):
                 sl = slice(c0, c0 + chunk_size)
-                _, lse_c, zt_c, ent_c = torch_stats_chunk(hidden[sl], weight, targets[sl], inv_temp)
+                raw_c = None if raw_out is None else raw_out[sl]
+                _, lse_c, zt_c, ent_c = torch_stats_chunk(hidden[sl], weight, targets[sl], inv_temp,
+                                                          raw_logprobs_out=raw_c)  # fmt: skip
                 lse[sl], zt[sl], entropy[sl] = lse_c, zt_c, ent_c
         ctx.save_for_backward(hidden, weight, targets, lse, entropy if with_entropy else None)
         ctx.inv_temp, ctx.via_triton, ctx.chunk_size = inv_temp, via_triton, chunk_size
@@ -339,13 +394,21 @@ class _FusedLinearLogprob(torch.autograd.Function):
                                   via_triton=ctx.via_triton)  # fmt: skip
         if need_dw:
             dw = dw.to(weight.dtype)
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
-def _run(hidden, weight, targets, temperature, with_entropy, via_triton, chunk_size):
+def check_raw_out(raw_logprobs_out: torch.Tensor | None, n_tokens: int) -> None:
+    assert raw_logprobs_out is None or (raw_logprobs_out.shape == (n_tokens,)
+                                        and raw_logprobs_out.dtype == torch.float32), (
+        f"raw_logprobs_out {tuple(raw_logprobs_out.shape)} {raw_logprobs_out.dtype} must be float32 "
+        f"[N={n_tokens}]")  # fmt: skip
+
+
+def _run(hidden, weight, targets, temperature, with_entropy, via_triton, chunk_size, raw_logprobs_out=None):
     check_linear_inputs(hidden, weight, targets)
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
+    check_raw_out(raw_logprobs_out, hidden.shape[0])
     if hidden.shape[0] == 0:
         # Keeps the graph connected so that callers may still call backward on an empty micro-batch.
         empty = hidden.float().sum(-1) + 0.0 * weight.float().sum()
@@ -353,9 +416,14 @@ def _run(hidden, weight, targets, temperature, with_entropy, via_triton, chunk_s
     if via_triton:
         hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
-    return _FusedLinearLogprob.apply(
-        hidden, weight, targets, float(temperature), with_entropy, via_triton, chunk
+    # At T = 1 the raw log-probs are the log-probs themselves: copied, no second softmax.
+    raw_in_kernel = raw_logprobs_out if float(temperature) != 1.0 else None
+    out = _FusedLinearLogprob.apply(
+        hidden, weight, targets, float(temperature), with_entropy, via_triton, chunk, raw_in_kernel
     )  # fmt: skip
+    if raw_logprobs_out is not None and raw_in_kernel is None:
+        raw_logprobs_out.copy_((out[0] if with_entropy else out).detach())
+    return out
 
 
 def fused_linear_logprob_reference(
@@ -366,12 +434,13 @@ def fused_linear_logprob_reference(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_size: int | None = None,
+    raw_logprobs_out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch version of :func:`fused_linear_logprob`: token chunks, logits recomputed in backward.
 
     Math in float32 (float64 for float64 inputs); [chunk, V] at a time, never [N, V]. The CPU fallback.
     """
-    return _run(hidden, weight, targets, temperature, with_entropy, False, chunk_size)
+    return _run(hidden, weight, targets, temperature, with_entropy, False, chunk_size, raw_logprobs_out)
 
 
 def fused_linear_logprob(
@@ -383,6 +452,7 @@ def fused_linear_logprob(
     with_entropy: bool = False,
     chunk_size: int | None = None,
     impl: str = "auto",
+    raw_logprobs_out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``log_softmax(hidden @ weight.T / temperature)[targets]`` as float32 [N].
 
@@ -391,6 +461,9 @@ def fused_linear_logprob(
     hidden and weight through both outputs. A target outside [0, V) gives ``-lse`` and no one-hot gradient
     (mask such tokens out of the loss). ``chunk_size``: tokens per backward chunk (default: chunk·V ≈ 2^29).
     ``impl``: "triton", "torch" (the chunked reference) or "auto" (Triton on CUDA or under the interpreter).
+    ``raw_logprobs_out`` [N] float32, if given, receives the log-probs at T = 1 (no gradient), from the same
+    pass over the vocabulary: a second log-sum-exp of the same logit tiles, not a second lm-head GEMM
+    (what engines report are raw log-probs, so ``rollout/logprob_diff`` at T != 1 needs them).
     """
     via_triton = use_triton(impl, hidden, weight)
-    return _run(hidden, weight, targets, temperature, with_entropy, via_triton, chunk_size)
+    return _run(hidden, weight, targets, temperature, with_entropy, via_triton, chunk_size, raw_logprobs_out)

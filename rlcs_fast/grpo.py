@@ -74,13 +74,14 @@ def build_rollouts(prompts: list, completions: list[Completion], advantages: tor
 
 def logprob_head(targets: torch.Tensor, temperature: float, impl: str, with_entropy: bool = False,
                  with_raw: bool = False):
-    """with_raw: [N, 2] of the log-probs at `temperature` and at 1 (one more lm-head pass, no forward)."""
+    """with_raw: [N, 2] of the log-probs at `temperature` and at 1 (a second log-sum-exp in the same kernel
+    pass over the vocabulary, no second lm-head GEMM)."""
     def head(hidden: torch.Tensor, weight: torch.Tensor):
+        raw = torch.empty(targets.numel(), device=targets.device) if with_raw else None
         logprobs = fused_linear_logprob(hidden, weight, targets, temperature=temperature,
-                                        with_entropy=with_entropy, impl=impl)
+                                        with_entropy=with_entropy, impl=impl, raw_logprobs_out=raw)
         if not with_raw:
             return logprobs
-        raw = fused_linear_logprob(hidden, weight, targets, temperature=1.0, impl=impl)
         return torch.stack([logprobs, raw], -1)
 
     return head
@@ -123,19 +124,15 @@ def grpo_head(grpo, targets, old, adv, mask, ref, seq_ids, norm_len, num_seqs: i
               raw_out=None):
     """Head function: packed hidden states of response tokens → clipped GRPO loss (+ KL) and stats.
     ``old=None``: on-policy, the old log-probs are the detached current ones (written into ``lp_out``);
-    ``raw_out``: the same at T = 1, for rollout/logprob_diff (one more lm-head pass, no gradient)."""
+    ``raw_out``: the same at T = 1, for rollout/logprob_diff (from the same pass over the vocabulary)."""
 
     def head(hidden: torch.Tensor, weight: torch.Tensor):
-        if raw_out is not None:
-            with torch.no_grad():
-                raw_out.copy_(fused_linear_logprob(hidden.detach(), weight.detach(), targets, temperature=1.0,
-                                                   impl=impl))
         return fused_linear_grpo_loss(
             hidden, weight, targets, old, adv, mask, ref_logprobs=ref, temperature=grpo.temperature,
             clip_low=grpo.clip_low, clip_high=grpo.clip_high, clip_dual=grpo.clip_dual or None,
             kl_coef=grpo.kl_coef,
             kl_type=grpo.kl_type, agg=grpo.agg, norm_len=norm_len, seq_ids=seq_ids, num_seqs=num_seqs,
-            with_entropy=True, impl=impl, logprobs_out=lp_out)
+            with_entropy=True, impl=impl, logprobs_out=lp_out, raw_logprobs_out=raw_out)
 
     return head
 

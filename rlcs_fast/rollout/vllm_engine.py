@@ -41,6 +41,7 @@ where `EngineArgs` has them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -51,6 +52,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -159,6 +161,25 @@ def restore_input_norm(model: torch.nn.Module, constants: tuple[list[float], lis
             buf.copy_(torch.tensor(value, dtype=buf.dtype))
         found += 1
     return found
+
+
+@contextlib.contextmanager
+def step_rng(seed: int | None) -> Iterator[None]:
+    """Seed, once per `generate` call, the RNG vLLM samples unseeded requests with, and restore it after:
+    torch's default generators (CPU and the current GPU: the native and FlashInfer samplers draw from them)
+    and numpy's (the V2 model runner draws an unseeded request's seed there). The engine core runs in this
+    process (external_launcher turns vLLM's multiprocessing off), so the same seed and requests give the
+    same samples, and the trainer's random streams are untouched."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        np_state = np.random.get_state()
+        try:
+            if seed is not None:
+                torch.manual_seed(seed)
+                np.random.seed(seed % 2**32)
+            yield
+        finally:
+            np.random.set_state(np_state)
 
 
 def _free_port() -> int:
@@ -341,7 +362,7 @@ class VLLMEngine:
         self._reset_encoder_cache()
 
     # --- generation ----------------------------------------------------------------------------------
-    def _sampling_params(self, sampling: SamplingParams, seed: int):
+    def _sampling_params(self, sampling: SamplingParams):
         from vllm import SamplingParams as VLLMSamplingParams
 
         # a hard ban, as HF's suppress_tokens: -inf added to a few logits (a vocabulary-sized
@@ -350,7 +371,7 @@ class VLLMEngine:
         greedy = sampling.temperature == 0
         return VLLMSamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p, top_k=0,
-            max_tokens=sampling.max_tokens, seed=seed, logprobs=0 if sampling.logprobs else None,
+            max_tokens=sampling.max_tokens, seed=None, logprobs=0 if sampling.logprobs else None,
             stop_token_ids=[self.eos_token_id] if self.eos_token_id is not None else None,
             logit_bias=bias, detokenize=False)
 
@@ -365,11 +386,11 @@ class VLLMEngine:
         batch, seed, lo = self._tp_batch(mine, sampling.seed)
         prompts = [vllm_prompt(ids, imgs, image_token_id=self.image_token_id,
                                mm_processor_kwargs=self.mm_processor_kwargs) for ids, imgs in batch]
-        # one seed per request (vLLM gives sample k of it seed + k): reproducible whatever the batching,
-        # and independent of the trainer's RNG, which fork_rng also keeps untouched
-        params = [self._sampling_params(sampling, seed + i * sampling.n) for i in range(len(batch))]
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
+        # no per-request seed: one makes vLLM sample through a per-request generator, a Python loop over
+        # the batch instead of FlashInfer (topk_topp_sampler.py; the V2 runner likewise skips its fused
+        # sampler); the call's RNG is seeded once instead (step_rng)
+        params = [self._sampling_params(sampling) for _ in batch]
+        with step_rng(seed):
             outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
         out: list[Completion] = []
         for (ids, _), res in list(zip(batch, outputs))[lo:lo + len(mine)]:

@@ -58,7 +58,8 @@ def first_config_rows(tmp_path_factory):
 @pytest.mark.slow
 def test_aot_first_config_every_kernel(first_config_rows):
     kernels = {r["kernel"] for r in first_config_rows}
-    assert {"stats(fwd, +entropy)", "dlogits(recompute, +entropy)", "matmul(dW += dl^T @ h)"} <= kernels
+    assert {"stats(fwd, +entropy)", "dlogits(recompute, +entropy)", "matmul(dW += dl^T @ h)",
+            "stats(fwd, +raw)", "stats(fused, +entropy, +raw)"} <= kernels
     assert {r["arch"] for r in first_config_rows} == {"sm_90a", "sm_80"}
     _check(first_config_rows)
 

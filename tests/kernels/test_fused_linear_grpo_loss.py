@@ -132,3 +132,40 @@ def test_on_policy_old_none_equals_a_separate_old_forward(impl):
     torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(lp_out, old, rtol=1e-6, atol=1e-6)
     assert float(stats2["ratio_min"]) == float(stats2["ratio_max"]) == 1.0
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype,temperature", [(torch.float32, 0.7), (torch.bfloat16, 1.3)])
+def test_raw_logprobs_out_at_t1_in_the_same_pass(impl, dtype, temperature):
+    # The update's own forward yields the log-probs at T = 1 too (rollout/logprob_diff on-policy): float64
+    # values, and the loss, stats, gradients and logprobs_out unchanged by asking for them.
+    hidden, weight, targets, _, adv, mask, ref, seq_ids = _inputs(41, 40, 90, dtype, seed=13)
+    case = dict(agg="seq_mean_token_mean", kl_coef=0.1, clip_dual=3.0, seq_ids=seq_ids, chunk_size=16,
+                impl=impl, temperature=temperature, with_entropy=True)
+    outs = []
+    for raw in (torch.full((41,), float("nan")), None):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        lp_out = torch.full((41,), float("nan"))
+        loss, stats = fused_linear_grpo_loss(h, w, targets, None, adv, mask, ref_logprobs=ref,
+                                             logprobs_out=lp_out, raw_logprobs_out=raw, **case)
+        loss.backward()
+        outs.append((loss, stats, h.grad, w.grad, lp_out, raw))
+    (loss1, stats1, dh1, dw1, lp1, raw), (loss2, stats2, dh2, dw2, lp2, _) = outs
+    torch.testing.assert_close(loss1, loss2, rtol=1e-6, atol=1e-7)
+    for k in stats2:
+        torch.testing.assert_close(stats1[k], stats2[k], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(dh1, dh2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(dw1, dw2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(lp1, lp2, rtol=0, atol=1e-6)
+    raw64 = torch.log_softmax(hidden.double() @ weight.double().t(), -1).gather(1, targets[:, None])[:, 0]
+    torch.testing.assert_close(raw.double(), raw64, rtol=0, atol=2e-5)
+    lp64 = torch.log_softmax(hidden.double() @ weight.double().t() / temperature, -1).gather(
+        1, targets[:, None])[:, 0]
+    torch.testing.assert_close(lp1.double(), lp64, rtol=0, atol=2e-5)
+
+
+def test_raw_logprobs_out_without_logprobs_out_at_t1():
+    hidden, weight, targets, old, adv, mask, _, seq_ids = _inputs(20, 16, 50, torch.float32, seed=14)
+    raw = torch.full((20,), float("nan"))
+    fused_linear_grpo_loss(hidden, weight, targets, old, adv, mask, seq_ids=seq_ids, raw_logprobs_out=raw)
+    torch.testing.assert_close(raw, fused_linear_logprob(hidden, weight, targets), rtol=0, atol=1e-6)

@@ -1,5 +1,7 @@
 """fused_linear_logprob (Triton under the interpreter, and the chunked torch fallback) vs float64 torch."""
 
+import importlib
+
 import pytest
 import torch
 from rlcs_fast.kernels import fused_linear_logprob, fused_linear_logprob_reference
@@ -144,3 +146,77 @@ def test_reference_is_the_torch_impl():
     a = fused_linear_logprob_reference(hidden, weight, targets, temperature=0.5)
     b = fused_linear_logprob(hidden, weight, targets, temperature=0.5, impl="torch")
     assert torch.equal(a, b)
+
+
+class _LogitGEMMs(TorchDispatchMode):
+    """Counts the matmuls whose output has the vocabulary as its last dimension: lm-head passes."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.count = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("mm", "matmul", "addmm", "bmm") and out.shape[-1] == self.vocab:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "dtype,temperature,with_entropy",
+    [(torch.float32, 0.7, False), (torch.bfloat16, 1.3, True), (torch.float32, 1.0, True)],
+)
+def test_raw_logprobs_at_t1_in_the_same_pass(impl, dtype, temperature, with_entropy):
+    # The log-probs at T = 1 (what engines report) come out of the pass that computes those at
+    # `temperature`: float64 values at T = 1, and the op's own outputs and gradients unchanged.
+    hidden, weight, targets, g = _inputs(37, 48, 100, dtype, seed=11)
+    targets[5] = 100  # out of range: -lse, as the log-prob at `temperature`
+    raw = torch.full((37,), float("nan"))
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out1 = fused_linear_logprob(h1, w1, targets, temperature=temperature, with_entropy=with_entropy,
+                                chunk_size=16, impl=impl, raw_logprobs_out=raw)
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out2 = fused_linear_logprob(h2, w2, targets, temperature=temperature, with_entropy=with_entropy,
+                                chunk_size=16, impl=impl)
+    g_lp = torch.randn(37, generator=g)
+    for out, grad_ent in ((out1, 1.0), (out2, 1.0)):
+        lp, ent = out if with_entropy else (out, None)
+        ((lp * g_lp).sum() + (grad_ent * ent.sum() if with_entropy else 0)).backward()
+    for a, b in zip(out1 if with_entropy else (out1,), out2 if with_entropy else (out2,)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-6, atol=1e-7)
+
+    h64, w64 = hidden.double(), weight.double()
+    logp = torch.log_softmax(h64 @ w64.t(), dim=-1)
+    raw64 = logp.gather(1, targets.clamp(max=99)[:, None])[:, 0]
+    raw64[5] = -torch.logsumexp(h64[5] @ w64.t(), dim=-1)
+    assert raw.dtype == torch.float32 and not raw.requires_grad
+    torch.testing.assert_close(raw.double(), raw64, rtol=0, atol=2e-5)
+    if temperature != 1.0:  # the two distributions really differ, so the test tells them apart
+        assert (raw.double() - out2[0 if with_entropy else slice(None)].double()).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_raw_logprobs_cost_no_second_lm_head_pass(impl, monkeypatch):
+    # One logits GEMM per token chunk with or without the T = 1 log-probs (torch path), one launch of the
+    # stats kernel per call (Triton path): the second log-sum-exp reads the same logit tiles.
+    fll = importlib.import_module("rlcs_fast.kernels.fused_linear_logprob")
+    hidden, weight, targets, _ = _inputs(40, 16, 64, torch.float32, seed=12)
+    launches, real = [], fll.launch
+
+    def counted(kernel, *args, **kwargs):
+        launches.append(kernel)
+        return real(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(fll, "launch", counted)
+    counts = []
+    for raw in (None, torch.empty(40)):
+        launches.clear()
+        with _LogitGEMMs(64) as probe, torch.no_grad():
+            fused_linear_logprob(hidden, weight, targets, temperature=0.7, chunk_size=16, impl=impl,
+                                 raw_logprobs_out=raw)
+        counts.append((probe.count, launches.count(fll._stats_kernel)))
+    assert counts[0] == counts[1], counts
+    assert counts[0] == ((3, 0) if impl == "torch" else (0, 1)), counts

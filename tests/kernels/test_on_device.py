@@ -71,3 +71,22 @@ def test_autotune_keys_stay_bounded_across_token_counts():
         _common.matmul_into(dl, weight, out, accumulate=False)
         assert _rel(out, dl.double() @ weight.double()) < 1e-2
     assert len(_common._matmul_tuned.cache) - before <= 6  # buckets 128 ... 4096
+
+
+@pytest.mark.parametrize("n", [1000, 3001])
+def test_raw_logprobs_compiled_match_float64(n):
+    # The raw-variant stats kernel (its own autotune configs): the log-probs at T = 0.7 and at T = 1 from
+    # one pass, for the old-policy head and inside the on-policy fused loss.
+    hidden, weight, targets = _inputs(n, 512, 32000, seed=n + 1)
+    logits = hidden.double() @ weight.double().t()
+    want = {t: torch.log_softmax(logits / t, -1).gather(1, targets[:, None])[:, 0] for t in (0.7, 1.0)}
+    raw = torch.empty(n, device="cuda")
+    lp = fused_linear_logprob(hidden, weight, targets, temperature=0.7, impl="triton", raw_logprobs_out=raw)
+    assert _rel(lp, want[0.7]) < 1e-3 and _rel(raw, want[1.0]) < 1e-3
+    raw2, lp2 = torch.empty(n, device="cuda"), torch.empty(n, device="cuda")
+    adv, mask = torch.randn(n, device="cuda"), torch.ones(n, dtype=torch.bool, device="cuda")
+    h = hidden.clone().requires_grad_()
+    loss, _ = fused_linear_grpo_loss(h, weight, targets, None, adv, mask, temperature=0.7, with_entropy=True,
+                                     impl="triton", chunk_size=1024, logprobs_out=lp2, raw_logprobs_out=raw2)
+    loss.backward()
+    assert _rel(lp2, want[0.7]) < 1e-3 and _rel(raw2, want[1.0]) < 1e-3

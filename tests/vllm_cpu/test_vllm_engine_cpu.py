@@ -4,8 +4,9 @@ Runs in its own venv (`.ci/vllm_cpu.sh`); skipped wherever vLLM is not importabl
 the real engine: weights pushed through `load_weights` replace the engine's (dummy) weights exactly —
 greedy outputs equal transformers' for the same weights, and change when the weights change, with the
 prefix cache reset in between; sampled log-probs equal the raw log_softmax(logits) (before temperature); the
-per-request seed makes sampling reproducible; banned ids are never sampled; the stop token ends a
-response and is kept; the sleep/wake state machine refuses to generate on freed or stale weights.
+seed of a `generate` call (set once for the call, never per request) makes sampling reproducible; banned
+ids are never sampled; the stop token ends a response and is kept; the sleep/wake state machine refuses to
+generate on freed or stale weights.
 """
 
 from __future__ import annotations
@@ -148,6 +149,37 @@ def test_sampled_logprobs_seed_and_banned_tokens(setup):
     hot = engine.generate(requests, SamplingParams(n=4, temperature=1.5, max_tokens=10, seed=5,
                                                    banned_token_ids=banned))
     assert all(not set(c.response_ids) & set(banned) for c in hot)
+
+
+def test_sampling_is_seeded_per_call_not_per_request(setup):
+    # A per-request seed gives each request its own torch.Generator, and vLLM then samples in a Python loop
+    # over the batch instead of FlashInfer: the requests carry none, the call seeds the sampler's RNG once.
+    engine, requests = setup
+    engine.sleep()
+    push(engine, tiny_qwen2(5))
+    sent = []
+    real = engine.llm.generate
+
+    def spy(prompts, params, **kwargs):
+        sent.extend(params)
+        return real(prompts, params, **kwargs)
+
+    engine.llm.generate = spy
+    try:
+        sampling = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_tokens=12, seed=7, logprobs=True)
+        trainer_rng = torch.get_rng_state()
+        first = [c.response_ids for c in engine.generate(requests, sampling)]
+        assert torch.equal(torch.get_rng_state(), trainer_rng)  # the trainer's stream is untouched
+        other = [c.response_ids for c in engine.generate(requests, SamplingParams(**{**sampling.__dict__,
+                                                                                   "seed": 8}))]
+        torch.rand(5)  # whatever the trainer drew in between
+        again = [c.response_ids for c in engine.generate(requests, sampling)]
+    finally:
+        engine.llm.generate = real
+    assert sent and all(p.seed is None for p in sent), [p.seed for p in sent]
+    assert again == first  # two runs with the same seed: the same samples
+    assert other != first  # and the seed is what fixes them
+    assert len({tuple(r) for r in first[:3]}) > 1  # n samples, not one repeated
 
 
 def test_stop_token_ends_and_is_kept(setup):
