@@ -205,7 +205,12 @@ class VLLMEngine:
             from vllm import LLM
         except ImportError as e:
             raise ImportError("rollout.engine = \"vllm\" needs vLLM: pip install 'rlcs-fast[vllm]'") from e
-        hf = json.loads((Path(model_path) / "config.json").read_text()) if Path(model_path).is_dir() else {}
+        if not (Path(model_path) / "config.json").is_file():
+            # a hub id read as "no config" ran without image settings and crashed at the first image:
+            # callers resolve hub ids first (rlcs_fast.hub.resolve_model_path)
+            raise ValueError("VLLMEngine needs a local model directory with config.json, got "
+                             f"{model_path!r}: resolve a hub id with rlcs_fast.hub.resolve_model_path first")
+        hf = json.loads((Path(model_path) / "config.json").read_text())
         self.image_token_id: int | None = hf.get("image_token_id")
         self.eos_token_id = eos_token_id
         self.tensor_parallel_size = tensor_parallel_size
