@@ -117,11 +117,14 @@ def run_sft(ctx: StageContext) -> None:
         if step % sft.log_every == 0 or last:
             ctx.metrics.log("sft", step, row)
         ctx.metrics.update_bar({"loss": row["train/loss"], "tok/s": row["perf/tokens_per_s"]})
-        if validator.should_validate(step, last):
-            if last:
-                ctx.metrics.close_bar()
-            validator.run(step)
+        # save (and export, at the end) before validating: a failure in validation never costs training
         checkpointer.save(step, last_step=last)
+        if last:
+            ctx.metrics.close_bar()
+            checkpointer.export()
+        if validator.should_validate(step, last):
+            validator.run(step)
     ctx.metrics.close_bar()
-    checkpointer.export()
+    if start >= total_steps:  # resumed from the last step's checkpoint: only the export was missing
+        checkpointer.export()
     ctx.close()
