@@ -294,7 +294,7 @@ class Encoder:
     """Turns rows into `Sample`s (SFT) and `Prompt`s (RL, validation); picklable for data-loader workers."""
 
     def __init__(self, processor, model_config, columns: Columns, *, template: str, system_prompt: str,
-                 min_pixels: int, max_pixels: int, max_length: int):
+                 min_pixels: int, max_pixels: int, max_length: int, max_images: int | None = None):
         self.processor = processor
         self.model_config = model_config
         self.columns = columns
@@ -302,6 +302,7 @@ class Encoder:
         self.system_prompt = system_prompt
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.max_length = max_length
+        self.max_images = max_images  # per prompt sent to a rollout engine (None: no limit)
         self.eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self._slot = f"\ue000{uuid.uuid4().hex}\ue001"  # brackets a data text in the rendered template
 
@@ -355,6 +356,10 @@ class Encoder:
 
     def prompt(self, row: dict[str, Any], index: int = -1, max_length: int | None = None) -> Prompt:
         raw, problem, answer = row_fields(row, self.columns)
+        if self.max_images is not None and len(raw) > self.max_images:
+            # the engine refuses such a prompt inside generate (vLLM: "At most 4 image(s)"), killing the rank
+            raise SkipSample("too_many_images", f"{len(raw)} images > rollout.max_images_per_prompt "
+                             f"{self.max_images}")
         images = self._images(raw)
         enc = self._prompt_inputs(problem, images)
         ids = enc["input_ids"][0]

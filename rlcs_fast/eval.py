@@ -145,7 +145,7 @@ def evaluate_model(model_dir: str, args: argparse.Namespace, device: torch.devic
     processor, mcfg, engine = load_for_eval(model_dir, s, args.engine, device)
     encoder = Encoder(processor, mcfg, Columns(image_col, problem_col, answer_col), template=s.template,
                       system_prompt=s.system_prompt, min_pixels=s.min_pixels, max_pixels=s.max_pixels,
-                      max_length=s.max_prompt_length)
+                      max_length=s.max_prompt_length, max_images=s.rollout.max_images_per_prompt)
     skips = SkipCounter()
     prompts = encode_many(lambda row, i: encoder.prompt(row, i),
                           ((table[i], i) for i in range(len(table))), skips, "--data")

@@ -119,7 +119,8 @@ class StageContext:
         data = self.cfg.data
         return Encoder(self.processor, self.model_config, self.columns, template=data.prompt_template,
                        system_prompt=data.system_prompt, min_pixels=data.min_pixels,
-                       max_pixels=data.max_pixels, max_length=max_length)
+                       max_pixels=data.max_pixels, max_length=max_length,
+                       max_images=self.cfg.rollout.max_images_per_prompt)
 
     @property
     def columns(self) -> Columns:

@@ -288,3 +288,25 @@ def test_invalid_utf8_in_a_parquet_string_column_is_skipped_and_counted(tmp_path
     out = encode_many(lambda row, i: (i, enc.prompt(row, i)), ((read_row(ds, i), i) for i in range(4)),
                       skips, "t")
     assert [i for i, _ in out] == [0, 3] and skips.counts == {"bad_text": 2}
+
+
+def test_a_prompt_with_more_images_than_the_engine_takes_is_skipped(encoder):
+    """vLLM raises inside generate on more than limit_mm_per_prompt images ("At most 4 image(s)"), which
+    killed the rank: such a prompt is skipped and counted before it is sent (SFT rows, never sent to an
+    engine, keep training)."""
+    from rlcs_fast.config import Config
+
+    images = _images(0)
+    row = {"images": [{"bytes": images["rgb_png"][0], "path": None}] * 5, "problem": "how many in all?",
+           "answer": "<think>count</think> \\boxed{3}"}
+    limited, saved = encoder, getattr(encoder, "max_images", None)
+    limited.max_images = Config().rollout.max_images_per_prompt
+    try:
+        skips = SkipCounter()
+        assert encode_many(lambda r, i: limited.prompt(r, i), [(row, 0)], skips, "t") == []
+        assert skips.counts == {"too_many_images": 1}
+        assert limited.sft(row).image_grid_thw.shape[0] == 5
+        row4 = dict(row, images=row["images"][:4])
+        assert limited.prompt(row4).image_grid_thw.shape[0] == 4
+    finally:
+        encoder.max_images = saved

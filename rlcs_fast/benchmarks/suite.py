@@ -142,6 +142,7 @@ def run_model(
         min_pixels=s.min_pixels,
         max_pixels=s.max_pixels,
         max_length=s.max_prompt_length,
+        max_images=s.rollout.max_images_per_prompt,
     )
     sampling = val_sampling(
         n=1,

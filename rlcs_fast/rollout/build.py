@@ -55,6 +55,7 @@ def build_engine(rollout: RolloutConfig, model_path: str, *, tokenizer, device: 
                           enforce_eager=rollout.enforce_eager,
                           enable_prefix_caching=rollout.enable_prefix_caching, max_model_len=max_model_len,
                           seed=seed, min_pixels=min_pixels, max_pixels=max_pixels,
+                          max_images_per_prompt=rollout.max_images_per_prompt,
                           load_format="auto" if from_disk else "dummy")
     from .hf_engine import HFEngine
 
