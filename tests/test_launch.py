@@ -176,3 +176,26 @@ def test_a_reward_returning_nan_skips_the_step(tmp_path):
     assert all(math.isfinite(rows[s]["train/loss"]) for s in (1, 3)), rows
     assert "returned a non-finite value for 4" in proc.stderr
     assert (run / "grpo" / "DONE").is_file()
+
+
+@pytest.mark.slow
+def test_profile_grpo_times_the_trainers_own_phases(monkeypatch, capsys):
+    """profile_grpo runs grpo.generate / score / fill_logprobs / train, not a copy of the step loop (today
+    it called the engine, the advantages and grpo.update itself: a change to a phase went unprofiled)."""
+    from rlcs_fast import grpo, profile_grpo
+
+    calls: list[str] = []
+    for name in ("generate", "score", "fill_logprobs", "train"):
+        real = getattr(grpo, name)
+
+        def wrapped(*a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(grpo, name, wrapped)
+    assert profile_grpo.main(["--model", "tiny", "--prompts", "2", "--n", "2", "--response-len", "4",
+                              "--prompt-len", "8", "--image-tokens", "4", "--device", "cpu", "--steps",
+                              "1"]) == 0
+    assert calls == ["generate", "score", "fill_logprobs", "train"]
+    out = capsys.readouterr().out
+    assert all(f"{phase} " in out for phase in ("sync", "rollout", "reward", "old_logprobs_forward", "train"))
