@@ -236,6 +236,11 @@ class VLLMEngine:
             kwargs["disable_custom_all_reduce"] = True
         if dtype == "auto":
             dtype = "bfloat16" if on_gpu else "float32"
+        if not on_gpu:
+            # a seeded request whose prefill is split over steps has its sampled token discarded, and
+            # vLLM then rewinds its generator's offset, which a CPU generator does not have ("CPU
+            # Generator does not use offset"): no chunked prefill on the CPU, every prompt in one step
+            max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
         _ensure_launcher_env()
         self.llm = LLM(
             model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, load_format=load_format,
@@ -243,7 +248,7 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
             enforce_eager=enforce_eager,
-            enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=True,
+            enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=on_gpu,
             enable_sleep_mode=self.sleep_mode,
             # the model's own log-probs, before temperature, top-p and the ban: "processed" ones are
             # renormalised over the nucleus and the allowed tokens, which the trainer's are not
