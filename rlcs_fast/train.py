@@ -86,12 +86,12 @@ def run(cfg, preemption: Preemption, engine: RolloutEngine | None = None) -> int
         return EXIT_PREEMPTED
     except (TooManyBadSteps, CheckpointError) as e:  # agreed by all ranks; the message says what to do
         log.error("%s", e)
-        engines.close()
+        engines.close(graceful=False)
         metrics.close()
         dist.shutdown(wait=False)
         return 1
     except BaseException:
-        engines.close()
+        engines.close(graceful=False)
         metrics.close()
         dist.shutdown(wait=False)
         raise

@@ -82,8 +82,10 @@ class SharedEngine:
             self._engine = self._build(model_path, tokenizer)
         return self._engine
 
-    def close(self) -> None:
-        """End of the run: shut the engine down (engines without ``shutdown`` are just dropped)."""
+    def close(self, *, graceful: bool = True) -> None:
+        """End of the run: shut the engine down (engines without ``shutdown`` are just dropped).
+        ``graceful=False`` after an error that not every rank may have seen: just drop it (a shutdown
+        waits for the other ranks)."""
         engine, self._engine = self._engine, None
-        if engine is not None and hasattr(engine, "shutdown"):
+        if graceful and engine is not None and hasattr(engine, "shutdown"):
             engine.shutdown()

@@ -307,6 +307,19 @@ class VLLMEngine:
         constants = self._norm_constants
         return sum(self.llm.apply_model(lambda model: restore_input_norm(model, constants)))
 
+    def shutdown(self) -> None:
+        """End of the run (``SharedEngine.close``, before the trainer's own ``dist.shutdown``): vLLM's
+        teardown destroys its groups and the default process group, which its exit-time finalizer would
+        otherwise try after the trainer destroyed them ("Invalid process group specified" tracebacks)."""
+        import torch.distributed as tdist
+
+        client = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if client is None or not hasattr(client, "shutdown"):
+            return
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            tdist.barrier()  # every rank has finished with the group before any rank tears it down
+        client.shutdown()
+
     def memory_gb(self) -> float:
         """GPU memory resident in vLLM's sleepable pools (weights, KV cache), in GiB; 0 without them."""
         if not (self.sleep_mode and torch.cuda.is_available()):

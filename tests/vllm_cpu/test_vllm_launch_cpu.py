@@ -75,3 +75,4 @@ def test_a_hub_id_engine_from_the_offline_cache_samples_seeded_batches(tmp_path,
     assert len(out) == 16 and all(c.response_ids for c in out)
     again = engine.generate(requests, sampling)
     assert [c.response_ids for c in again] == [c.response_ids for c in out]
+    engine.shutdown()  # the end of a run: vLLM tears its groups down while they exist
