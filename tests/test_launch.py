@@ -199,3 +199,29 @@ def test_profile_grpo_times_the_trainers_own_phases(monkeypatch, capsys):
     assert calls == ["generate", "score", "fill_logprobs", "train"]
     out = capsys.readouterr().out
     assert all(f"{phase} " in out for phase in ("sync", "rollout", "reward", "old_logprobs_forward", "train"))
+
+
+def test_eval_and_the_benchmarks_do_not_import_each_other():
+    """One side owns loading a model for evaluation (``eval_model``); ``eval`` dispatches to the suite,
+    the suite never imports ``eval`` back (today: eval -> benchmarks.cli -> eval, a circle)."""
+    import ast
+
+    root = Path(__file__).parent.parent / "rlcs_fast"
+
+    def imports(path: Path) -> set[str]:
+        pkg = path.relative_to(root.parent).with_suffix("").parts[:-1]
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = list(pkg[: len(pkg) - node.level + 1]) if node.level else []
+                mod = ".".join(base + ([node.module] if node.module else []))
+                out |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                out |= {a.name for a in node.names}
+        return out
+
+    for path in (root / "benchmarks").glob("*.py"):
+        assert "rlcs_fast.eval" not in imports(path), path
+    assert not {m for m in imports(root / "eval_model.py") if m.startswith(("rlcs_fast.eval",
+                                                                            "rlcs_fast.benchmarks"))
+                and m != "rlcs_fast.eval_model"}
