@@ -133,13 +133,12 @@ def main() -> int:
             failures.append(name)
             print((work / f"{name}.log").read_text()[-6000:], flush=True)
 
-    # the paper suite with each config's engine: the base model by hub id and the trained exports
+    # the paper suite with each config's engine: the base model by hub id and the last export of its chain
+    # (GRPO from SFT; one engine start per model is most of an eval's time on the CPU)
     for model in sorted({s["model"]["path"] for s in shipped.values()}):
         engine = next(s.get("rollout", {}).get("engine", "auto") for s in shipped.values()
                       if s["model"]["path"] == model)
-        trained = sorted({str(Path(work / "runs" / n / st / "hf")) for n, s in shipped.items()
-                          if s["model"]["path"] == model for st in s["run"]["stages"]
-                          if (work / "runs" / n / st / "DONE").is_file()})
+        trained = [exports[model]] if model in exports else []
         out = work / "eval" / model.replace("/", "--")
         cmd = [sys.executable, "-m", "rlcs_fast.eval", "--suite", "paper", "--engine", engine,
                "--max-new-tokens", "16", "--out", str(out), "--no-progress", "--model", model]
