@@ -310,3 +310,45 @@ def test_a_prompt_with_more_images_than_the_engine_takes_is_skipped(encoder):
         assert limited.prompt(row4).image_grid_thw.shape[0] == 4
     finally:
         encoder.max_images = saved
+
+
+@pytest.mark.slow
+def test_grpo_runs_to_the_end_on_the_fuzz_set_with_invalid_utf8_in_string_columns(tmp_path):
+    """GRPO over one pass of 60 fuzz rows whose text columns are parquet *string* columns holding the bytes
+    a non-checking writer leaves (invalid UTF-8 included): exit 0, every bad row skipped and counted under
+    its kind, no good row dropped (reading such a row raised UnicodeDecodeError and killed the run)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [(r, o.split("|")[1] if "|" in o else o) for r, o in fuzz_rows(60, seed=2)]
+    table = [{k: (v.encode("utf-8", "surrogateescape") if isinstance(v, str) and k != "images" else v)
+              for k, v in row.items()} for row, _ in rows]
+    binary = tmp_path / "binary.parquet"
+    datasets.Dataset.from_list(table).to_parquet(str(binary))
+    t = pq.read_table(binary).replace_schema_metadata(None)
+    for col in ("problem", "answer"):
+        as_str = pa.chunked_array([c.view(pa.string()) for c in t[col].chunks], type=pa.string())
+        t = t.set_column(t.schema.get_field_index(col), col, as_str)
+    data = tmp_path / "fuzz_strings.parquet"
+    pq.write_table(t, data)
+    expected = Counter(o for _, o in rows if o != "train")
+    assert expected["bad_text"] >= 3
+    run = tmp_path / "run"
+    args = ["--log.progress", "false", "--run.stages", '["grpo"]', "--data.train", str(data),
+            "--data.val", str(data), "--data.val_size", "4", "--grpo.steps", "3",
+            "--grpo.rollout_batch_size", "20", "--grpo.mini_batch_size", "20", "--grpo.n", "2",
+            "--grpo.max_response_length", "4", "--grpo.val_before_train", "false",
+            "--reward.num_workers", "1", "--checkpoint.every", "0"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "rlcs_fast.train", "--cfg", CONFIG, "--run.dir",
+                           str(run), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+            if "data/skipped" in x][-1]
+    assert last["step"] == 3
+    by_kind = {k.removeprefix("data/skipped/"): v for k, v in last.items() if k.startswith("data/skipped/")}
+    assert by_kind == dict(expected), (by_kind, expected)
+    assert (run / "grpo" / "DONE").is_file()
