@@ -225,3 +225,22 @@ def test_eval_and_the_benchmarks_do_not_import_each_other():
     assert not {m for m in imports(root / "eval_model.py") if m.startswith(("rlcs_fast.eval",
                                                                             "rlcs_fast.benchmarks"))
                 and m != "rlcs_fast.eval_model"}
+
+
+def test_the_run_engine_is_shut_down_at_the_end_but_never_waits_for_peers_after_an_error():
+    """vLLM's teardown must run while the process groups exist (at the end of a run, behind a barrier),
+    but after an error that one rank alone may have seen, a barrier could wait forever: dropped then."""
+    from rlcs_fast.rollout.build import SharedEngine
+
+    class Engine:
+        def __init__(self, needs_peers):
+            self.shutdown_needs_peers, self.closed = needs_peers, False
+
+        def shutdown(self):
+            self.closed = True
+
+    for needs_peers in (True, False):
+        for graceful in (True, False):
+            engine = Engine(needs_peers)
+            SharedEngine(engine=engine).close(graceful=graceful)
+            assert engine.closed == (graceful or not needs_peers)

@@ -84,8 +84,10 @@ class SharedEngine:
 
     def close(self, *, graceful: bool = True) -> None:
         """End of the run: shut the engine down (engines without ``shutdown`` are just dropped).
-        ``graceful=False`` after an error that not every rank may have seen: just drop it (a shutdown
-        waits for the other ranks)."""
+        ``graceful=False`` after an error that not every rank may have seen: an engine whose shutdown
+        waits for the other ranks (``shutdown_needs_peers``) is just dropped."""
         engine, self._engine = self._engine, None
-        if graceful and engine is not None and hasattr(engine, "shutdown"):
+        if engine is None or not hasattr(engine, "shutdown"):
+            return
+        if graceful or not getattr(engine, "shutdown_needs_peers", False):
             engine.shutdown()

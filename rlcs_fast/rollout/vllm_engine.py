@@ -307,6 +307,8 @@ class VLLMEngine:
         constants = self._norm_constants
         return sum(self.llm.apply_model(lambda model: restore_input_norm(model, constants)))
 
+    shutdown_needs_peers = True  # `shutdown` holds a barrier: not after an error only one rank saw
+
     def shutdown(self) -> None:
         """End of the run (``SharedEngine.close``, before the trainer's own ``dist.shutdown``): vLLM's
         teardown destroys its groups and the default process group, which its exit-time finalizer would
