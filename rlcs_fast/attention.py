@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+log = logging.getLogger("rlcs_fast")
 
 ATTENTION_NAME = "rlcs_varlen"
 BACKENDS = ("flash", "torch_varlen", "sdpa_packed")
@@ -45,9 +48,13 @@ _BACKEND_ATTR = "rlcs_attention_backend"
 def _flash_attn_varlen_func() -> Any | None:
     try:
         from flash_attn import flash_attn_varlen_func
-    except ImportError:
+    except ImportError as e:
+        _WHY_NOT["flash"] = f"{type(e).__name__}: {e}"
         return None
     return flash_attn_varlen_func
+
+
+_WHY_NOT: dict[str, str] = {}  # backend -> why it cannot run here (for the "auto" report)
 
 
 @functools.cache
@@ -75,11 +82,11 @@ def select_attention(requested: str = "auto") -> str:
     per-segment SDPA. A named backend that cannot run here is an error, not a silent fallback."""
     cuda = torch.cuda.is_available()
     if requested == "auto":
-        if cuda and _flash_attn_varlen_func() is not None:
-            return "flash"
-        if cuda and _torch_varlen_attn() is not None:
-            return "torch_varlen"
-        return "sdpa_packed"
+        choice = ("flash" if cuda and _flash_attn_varlen_func() is not None else
+                  "torch_varlen" if cuda and _torch_varlen_attn() is not None else "sdpa_packed")
+        if cuda:  # a slow fallback on a GPU is never silent
+            _report_auto(choice)
+        return choice
     if requested == "flash":
         if _flash_attn_varlen_func() is None:
             raise ValueError(
@@ -104,6 +111,30 @@ def select_attention(requested: str = "auto") -> str:
     if requested == "sdpa_packed":
         return "sdpa_packed"
     raise ValueError(f"model.attention = {requested!r} is not one of {('auto', *BACKENDS)}")
+
+
+def _report_auto(choice: str) -> None:
+    """Say which backend ``model.attention = "auto"`` chose on CUDA and why (once per choice)."""
+    if choice in _REPORTED:
+        return
+    _REPORTED.add(choice)
+    flash_why = _WHY_NOT.get("flash", "flash-attn is not installed")
+    varlen_why = (f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn with window_size "
+                  "(torch >= 2.11)")
+    if choice == "flash":
+        log.info("model.attention = auto: flash (flash-attn varlen kernels)")
+    elif choice == "torch_varlen":
+        log.warning("model.attention = auto: torch_varlen, because flash-attn cannot be used (%s). Install "
+                    "flash-attn for the fastest path, or set model.attention = 'torch_varlen' to silence "
+                    "this.", flash_why)
+    else:
+        log.warning("model.attention = auto: SLOW FALLBACK sdpa_packed on CUDA (one SDPA launch per sequence "
+                    "and a host sync per attention call), because flash-attn cannot be used (%s) and %s. "
+                    "Fix: install flash-attn or torch >= 2.11; or set model.attention = 'sdpa_packed' to "
+                    "choose it explicitly.", flash_why, varlen_why)
+
+
+_REPORTED: set[str] = set()
 
 
 def _sdpa(

@@ -63,9 +63,9 @@ class Checkpointer:
         return last_step or bool(self.every and step % self.every == 0)
 
     def save(self, step: int, *, last_step: bool = False) -> Path | None:
-        """After `step`'s update, validation and metrics: write a checkpoint when one is due; returns its
-        path, or None. Then the preemption check (collective, every step): preempted, the step's checkpoint is
-        written (once) and `Preempted` raised on every rank."""
+        """After `step`'s update and metrics, before its validation: write a checkpoint when one is due;
+        returns its path, or None. Then the preemption check (collective, every step): preempted, the
+        step's checkpoint is written (once) and `Preempted` raised on every rank."""
         path = self._write(step) if self.should_save(step, last_step) else None
         preemption = self.ctx.preemption
         if preemption is not None and preemption.requested():

@@ -141,6 +141,9 @@ class RolloutConfig:
     max_num_batched_tokens: int = 16384
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
+    # images one prompt may hold (vLLM's limit_mm_per_prompt, which raises on more): prompts with more are
+    # skipped and counted (data/skipped/too_many_images), never sent
+    max_images_per_prompt: int = 4
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,7 +294,7 @@ class Encoder:
     """Turns rows into `Sample`s (SFT) and `Prompt`s (RL, validation); picklable for data-loader workers."""
 
     def __init__(self, processor, model_config, columns: Columns, *, template: str, system_prompt: str,
-                 min_pixels: int, max_pixels: int, max_length: int):
+                 min_pixels: int, max_pixels: int, max_length: int, max_images: int | None = None):
         self.processor = processor
         self.model_config = model_config
         self.columns = columns
@@ -301,7 +302,9 @@ class Encoder:
         self.system_prompt = system_prompt
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.max_length = max_length
+        self.max_images = max_images  # per prompt sent to a rollout engine (None: no limit)
         self.eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self._slot = f"\ue000{uuid.uuid4().hex}\ue001"  # brackets a data text in the rendered template
 
     def _images(self, raw: list[Any]) -> list[Image.Image]:
         try:
@@ -312,13 +315,51 @@ class Encoder:
             raise SkipSample("unreadable_image", f"{type(e).__name__}: {e}") from e  # extreme aspect ratios
 
     def _prompt_inputs(self, problem: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """``input_ids`` [1, T] (each image's pad expanded to its merged-token run), ``pixel_values`` and
+        ``image_grid_thw``, as the processor gives them, except that text from the data is tokenized with
+        its special tokens split: a problem holding ``<|im_end|>`` or ``<|image_pad|>`` is text, never a
+        turn or an image (only the chat template's own markers are control tokens)."""
         messages = build_messages(problem, len(images), template=self.template,
                                   system_prompt=self.system_prompt)
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.processor(text=[text], images=images or None, return_tensors="pt")
+        texts: list[str] = []
+        for message in messages:  # every text part becomes a placeholder the template passes through
+            for part in message["content"]:
+                if part.get("type") == "text":
+                    texts.append(part["text"])
+                    part["text"] = f"{self._slot}{len(texts) - 1}{self._slot}"
+        rendered = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        out: dict[str, torch.Tensor] = {}
+        runs: list[int] = []
+        if images:
+            vision = self.processor.image_processor(images=images, return_tensors="pt")
+            out.update(pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"])
+            merge = self.processor.image_processor.merge_size
+            runs = (vision["image_grid_thw"].prod(-1) // merge**2).tolist()
+        tok, pad = self.processor.tokenizer, self.model_config.image_token_id
+        ids: list[int] = []
+        for i, piece in enumerate(rendered.split(self._slot)):
+            if i % 2:  # text from the data
+                ids += tok(texts[int(piece)], add_special_tokens=False,
+                           split_special_tokens=True)["input_ids"]
+                continue
+            for t in tok(piece, add_special_tokens=False)["input_ids"]:  # the template: markers special
+                if t == pad:
+                    if not runs:
+                        raise SkipSample("image_mismatch", "more image places in the prompt than images")
+                    ids += [t] * runs.pop(0)
+                else:
+                    ids.append(t)
+        if runs:
+            raise SkipSample("image_mismatch", f"{len(runs)} image(s) without a place in the prompt")
+        out["input_ids"] = torch.tensor([ids], dtype=torch.long)
+        return out
 
     def prompt(self, row: dict[str, Any], index: int = -1, max_length: int | None = None) -> Prompt:
         raw, problem, answer = row_fields(row, self.columns)
+        if self.max_images is not None and len(raw) > self.max_images:
+            # the engine refuses such a prompt inside generate (vLLM: "At most 4 image(s)"), killing the rank
+            raise SkipSample("too_many_images", f"{len(raw)} images > rollout.max_images_per_prompt "
+                             f"{self.max_images}")
         images = self._images(raw)
         enc = self._prompt_inputs(problem, images)
         ids = enc["input_ids"][0]
@@ -334,8 +375,9 @@ class Encoder:
         images = self._images(raw)
         enc = self._prompt_inputs(problem, images)
         prompt_ids = enc["input_ids"][0]
-        completion = self.processor.tokenizer(answer.strip(),
-                                              add_special_tokens=False)["input_ids"] + [self.eos]
+        # special tokens split: an answer holding <|im_end|> would teach the model to stop mid-answer
+        completion = self.processor.tokenizer(answer.strip(), add_special_tokens=False,
+                                              split_special_tokens=True)["input_ids"] + [self.eos]
         ids = torch.cat([prompt_ids, torch.tensor(completion, dtype=torch.long)])
         if ids.numel() > self.max_length:
             raise SkipSample("too_long", f"{ids.numel()} tokens > data.max_length {self.max_length}")
@@ -371,10 +413,23 @@ def rank_share(items: list, rank: int, world: int) -> list:
     return items[rank::world]
 
 
+def read_row(table, i: int) -> dict[str, Any] | SkipSample:
+    """Row ``i``, or the reason it cannot be read: a string column holding invalid UTF-8 (the bytes a
+    non-checking writer leaves in parquet) fails in the Arrow-to-Python conversion of that row only."""
+    try:
+        return table[i]
+    except UnicodeDecodeError as e:
+        return SkipSample("bad_text", f"row {i} holds text that is not valid UTF-8 ({e.reason})")
+
+
 def encode_many(fn, rows_and_idx, counter: SkipCounter, where: str) -> list:
-    """Apply `fn` to each (row, index), skipping and counting bad rows."""
+    """Apply `fn` to each (row, index), skipping and counting bad rows (a row given as a `SkipSample`,
+    from :func:`read_row`, is counted as it is)."""
     out = []
     for row, idx in rows_and_idx:
+        if isinstance(row, SkipSample):
+            counter.add(row.kind, row.detail, where, key=idx)
+            continue
         try:
             out.append(fn(row, idx))
         except SkipSample as s:

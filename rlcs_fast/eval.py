@@ -33,14 +33,23 @@ import json
 import logging
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import Config, ConfigError, load_config
-from .rollout.build import banned_token_ids, build_engine
+from .config import ConfigError
+from .eval_model import (  # noqa: F401  (rlcs_fast.eval.* names of the loading half, as before)
+    EvalSettings,
+    display_path,
+    find_run_config,
+    load_for_eval,
+    model_name,
+    resolve_eval_model,
+    resolve_settings,
+    run_settings,
+)
+from .rollout.build import banned_token_ids
 from .validation import generate_and_score, val_sampling
 
 log = logging.getLogger("rlcs_fast")
@@ -107,21 +116,6 @@ def _cell(v: Any) -> str:
 
 # --- settings and data ---------------------------------------------------------------------------------
 
-def find_run_config(model_dir: str | Path) -> Path | None:
-    """The training run's ``config.toml`` for a model directory: in it, or up to two levels above
-    (``<run.dir>/<stage>/hf``)."""
-    d = Path(model_dir).resolve()
-    for cand in (d, d.parent, d.parent.parent):
-        if (cand / "config.toml").is_file():
-            return cand / "config.toml"
-    return None
-
-
-def run_settings(model_dir: str | Path) -> tuple[Config, Path | None]:
-    path = find_run_config(model_dir)
-    return (load_config(path) if path is not None else Config()), path
-
-
 def detect_columns(names: list[str], source: str) -> tuple[str, str, str, str | None]:
     def pick(options: tuple[str, ...], what: str) -> str:
         for o in options:
@@ -132,73 +126,6 @@ def detect_columns(names: list[str], source: str) -> tuple[str, str, str, str | 
     category = next((c for c in CATEGORY_COLUMNS if c in names), None)
     return pick(IMAGE_COLUMNS, "image"), pick(PROBLEM_COLUMNS, "question"), pick(ANSWER_COLUMNS,
                                                                                  "answer"), category
-
-
-def model_name(model_dir: str | Path, taken: set[str]) -> str:
-    """A file-safe name: an export ``<run>/<stage>/hf`` becomes ``<run>-<stage>``."""
-    d = Path(model_dir).resolve()
-    name = f"{d.parent.parent.name}-{d.parent.name}" if d.name == "hf" else d.name
-    name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "model"
-    base, k = name, 2
-    while name in taken:
-        name, k = f"{base}-{k}", k + 1
-    taken.add(name)
-    return name
-
-
-@dataclass
-class EvalSettings:
-    template: str
-    system_prompt: str
-    min_pixels: int
-    max_pixels: int
-    max_prompt_length: int
-    max_new_tokens: int
-    top_p: float
-    seed: int
-    batch_size: int
-    reward_function: str
-    format_weight: float
-    reward_timeout_s: float
-    reward_workers: int
-    synthetic_val_size: int
-    rollout: Any
-
-
-def resolve_settings(cfg: Config, args: argparse.Namespace) -> EvalSettings:
-    """The run's values, overridden by the flags given on the command line."""
-    def pick(flag: Any, value: Any) -> Any:
-        return value if flag is None else flag
-
-    data, grpo, reward = cfg.data, cfg.grpo, cfg.reward
-    return EvalSettings(
-        template=pick(args.prompt_template, data.prompt_template),
-        system_prompt=pick(args.system_prompt, data.system_prompt),
-        min_pixels=pick(args.min_pixels, data.min_pixels), max_pixels=pick(args.max_pixels, data.max_pixels),
-        max_prompt_length=grpo.max_prompt_length,
-        max_new_tokens=pick(args.max_new_tokens, grpo.max_response_length),
-        top_p=pick(args.top_p, grpo.top_p), seed=pick(args.seed, cfg.run.seed),
-        batch_size=pick(args.batch_size, cfg.rollout.batch_size), reward_function=reward.function,
-        format_weight=reward.format_weight, reward_timeout_s=reward.timeout_s,
-        reward_workers=pick(args.reward_workers, reward.num_workers),
-        synthetic_val_size=data.synthetic_val_size, rollout=cfg.rollout)
-
-
-def load_for_eval(model_dir: str, settings: EvalSettings, engine_kind: str, device: torch.device):
-    """The model's processor (with the run's pixel bounds), its config and a rollout engine."""
-    from transformers import AutoConfig
-
-    from .model import load_processor
-
-    processor = load_processor(model_dir, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
-    model_config = AutoConfig.from_pretrained(model_dir)
-    engine = build_engine(settings.rollout, model_dir, tokenizer=processor.tokenizer, device=device,
-                          kind=engine_kind,
-                          batch_size=settings.batch_size,
-                          max_model_len=settings.max_prompt_length + settings.max_new_tokens,
-                          seed=settings.seed, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels,
-                          from_disk=True)
-    return processor, model_config, engine
 
 
 def evaluate_model(model_dir: str, args: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict]:
@@ -218,7 +145,7 @@ def evaluate_model(model_dir: str, args: argparse.Namespace, device: torch.devic
     processor, mcfg, engine = load_for_eval(model_dir, s, args.engine, device)
     encoder = Encoder(processor, mcfg, Columns(image_col, problem_col, answer_col), template=s.template,
                       system_prompt=s.system_prompt, min_pixels=s.min_pixels, max_pixels=s.max_pixels,
-                      max_length=s.max_prompt_length)
+                      max_length=s.max_prompt_length, max_images=s.rollout.max_images_per_prompt)
     skips = SkipCounter()
     prompts = encode_many(lambda row, i: encoder.prompt(row, i),
                           ((table[i], i) for i in range(len(table))), skips, "--data")
@@ -317,12 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     summaries: dict[str, dict] = {}
     taken: set[str] = set()
     try:
-        for model_dir in args.model:
-            if not Path(model_dir).is_dir():
-                raise ConfigError(f"--model {model_dir!r} is not a directory (give an exported HF directory, "
-                                  "e.g. "
-                                  "<run.dir>/grpo/hf).")
-            name = model_name(model_dir, taken)
+        for model in args.model:
+            model_dir = resolve_eval_model(model)
+            name = model_name(display_path(model, model_dir), taken)
             records, summary = evaluate_model(model_dir, args, device)
             with (out / f"{name}.jsonl").open("w") as f:
                 for rec in records:

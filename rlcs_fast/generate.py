@@ -24,7 +24,7 @@ from typing import Any, TextIO
 import torch
 
 from .config import ConfigError
-from .eval import run_settings
+from .eval_model import run_settings
 from .rollout.build import banned_token_ids, build_engine
 from .rollout.engine import SamplingParams
 
@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None, *, stdin: TextIO | None = None, stdout: 
     args = parse_args(argv)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     try:
+        from .eval_model import resolve_eval_model
+
+        args.model = resolve_eval_model(args.model)  # a hub id: its local snapshot, for every reader below
         settings = prompt_settings(args.model, args)
         processor = load_processor(args.model, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
     except (ConfigError, OSError) as e:

@@ -13,6 +13,7 @@ Everything per token lives on packed sequences. The advantage math is :mod:`rlcs
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -226,6 +227,7 @@ class Scored:
     lengths: torch.Tensor  # [B * n] response lengths
     rollouts: list[Rollout]  # the completions of the groups kept by dynamic sampling
     finite: bool  # rewards and advantages finite on every rank; if not, `rollouts` is empty
+    health: dict[str, float] = field(default_factory=dict)  # reward/errors, /timeouts, /non_finite
 
 
 def generate(ctx: StageContext, prompts: list, step: int, timer: Timer) -> Generated:
@@ -257,7 +259,9 @@ def score(ctx: StageContext, prompts: list, completions: list[Completion], guard
     responses = ctx.processor.tokenizer.batch_decode([c.response_ids for c in completions],
                                                      skip_special_tokens=True)
     answers = [ground_truth(p.answer) for p in prompts for _ in range(grpo.n)]
+    errors, timeouts = ctx.scorer.num_errors, ctx.scorer.num_timeouts
     scores = ctx.scorer.score(responses, answers) if responses else []
+    health = reward_health(scores, ctx.scorer.num_errors - errors, ctx.scorer.num_timeouts - timeouts, step)
     lengths = torch.tensor([len(c.response_ids) for c in completions], dtype=torch.float32)
     rewards = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
     if grpo.overlong_buffer:
@@ -271,7 +275,20 @@ def score(ctx: StageContext, prompts: list, completions: list[Completion], guard
     kept = [j for j in range(len(completions)) if keep[j // grpo.n] and finite]
     rollouts = build_rollouts([prompts[j // grpo.n] for j in kept[::grpo.n]], [completions[j] for j in kept],
                               advantages[kept], grpo.n)
-    return Scored(scores, lengths, rollouts, finite)
+    return Scored(scores, lengths, rollouts, finite, health)
+
+
+def reward_health(scores: list[dict[str, float]], errors: int, timeouts: int, step: int) -> dict[str, float]:
+    """The step's reward failures over all ranks, as metrics, with a warning when there are any: a broken
+    reward plug-in scores 0 (errors, timeouts) or poisons the step (non-finite) and must be seen."""
+    non_finite = sum(not math.isfinite(s["overall"]) for s in scores)
+    out = dist.reduce_sums({"reward/errors": errors, "reward/timeouts": timeouts,
+                            "reward/non_finite": non_finite})
+    if any(out.values()) and dist.rank() == 0:
+        log.warning("grpo step %d: the reward function failed on %d response(s), timed out on %d (scored 0) "
+                    "and returned a non-finite value for %d (the step is skipped); see reward.function",
+                    step, *(int(v) for v in out.values()))
+    return out
 
 
 def fill_logprobs(ctx: StageContext, rollouts: list[Rollout], ref_policy, plan: StepPlan,
@@ -381,15 +398,20 @@ def run_grpo(ctx: StageContext) -> None:
                                                  in scored.rollouts)})["tokens"]
         dt = time.perf_counter() - t0
         row = {**rollout_metrics(ctx, generated, scored, len(prompts)), **train_stats,
-               "train/skipped_steps": guard.skipped, **skips.metrics(), **timer.times,
+               "train/skipped_steps": guard.skipped, **scored.health, **skips.metrics(), **timer.times,
                **generated.engine_memory, "perf/tokens_per_s": tokens / dt, "time/step": dt,
                "mem/peak_gb": peak_memory_gb(ctx.device)}
         if step % grpo.log_every == 0 or last:
             ctx.metrics.log("grpo", step, row)
         ctx.metrics.update_bar({"reward": row["reward/overall"], "acc": row["reward/accuracy"]})
+        # save (and export, at the end) before validating: a failure in validation never costs training
+        checkpointer.save(step, last_step=last)
+        if last:
+            ctx.metrics.close_bar()
+            checkpointer.export()
         if validator.should_validate(step, last):
             validator.run(step)
-        checkpointer.save(step, last_step=last)
     ctx.metrics.close_bar()
-    checkpointer.export()
+    if start >= grpo.steps:  # resumed from the last step's checkpoint: only the export was missing
+        checkpointer.export()
     ctx.close()

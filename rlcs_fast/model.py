@@ -16,23 +16,11 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from . import dist
 from .attention import apply_attention, select_attention
 from .checkpoint import fsync_tree
+from .hub import resolve_model_path  # noqa: F401  (the entry points' import)
 from .packing import PackedBatch, forward_hidden
 from .trainer_utils import full_tensor
 
 log = logging.getLogger("rlcs_fast")
-
-
-def resolve_model_path(path: str, *, tiny_seed: int = 0) -> str:
-    """`"tiny"` → the offline tiny Qwen2.5-VL (built once into the cache); anything else as given."""
-    if path == "tiny":
-        from .tiny import tiny_path
-
-        if dist.is_dist():  # one rank builds, the others wait, so they never race on the cache
-            if dist.rank() == 0:
-                tiny_path(seed=tiny_seed)
-            dist.barrier()
-        return str(tiny_path(seed=tiny_seed))
-    return path
 
 
 def load_processor(path: str, *, min_pixels: int, max_pixels: int):

@@ -287,7 +287,10 @@ def forward_hidden(model: nn.Module, batch: PackedBatch, *, touch_vision: bool |
     (where a batch with images runs it) and add 0 × its output to the hidden states, so the tower's
     parameters get (zero) gradients. Under FSDP every rank must join
     the tower's gather and gradient reduce-scatter, or a rank whose micro-batch had images waits forever
-    for one whose had none (EasyR1 does the same). Default: on when torch.distributed runs >1 rank."""
+    for one whose had none (EasyR1 does the same). Default: on when torch.distributed runs >1 rank, and
+    in one process whenever gradients are recorded: a step of text-only rows then leaves the tower zero
+    gradients, not None, so AdamW moves it (decay, momentum) as it does on 2 ranks: training does not
+    depend on the world size."""
     n = batch.num_tokens
     assert batch.position_ids.shape == (4, 1, n), (
         f"packed position_ids must be [4, 1, {n}] (text row + 3 mrope rows), got "
@@ -298,7 +301,7 @@ def forward_hidden(model: nn.Module, batch: PackedBatch, *, touch_vision: bool |
     _check_fsdp_root(model)
     inner = model.model
     if touch_vision is None:
-        touch_vision = (
+        touch_vision = torch.is_grad_enabled() or (
             torch.distributed.is_available()
             and torch.distributed.is_initialized()
             and (torch.distributed.get_world_size() > 1)

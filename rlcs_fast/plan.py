@@ -401,10 +401,33 @@ class Plan:
     world: int
     gpu_gib: float
     gpu_measured: bool
+    model_dir: str = ""  # the local directory model.path resolves to ("" when it does not)
+    preflight: list[str] = field(default_factory=list)  # the launch preflight's problems
 
     @property
     def ok(self) -> bool:
-        return self.arch is not None and all(d.ok for d in self.data)
+        return self.arch is not None and all(d.ok for d in self.data) and not self.preflight
+
+
+def preflight_model(cfg: Config) -> tuple[str, list[str]]:
+    """The launch preflight the trainer runs before loading weights (:mod:`rlcs_fast.preflight`), on the
+    model's small files only: a hub id from the cache, or its config and tokenizer files downloaded."""
+    from .hub import is_hub_id, snapshot_dir
+    from .preflight import preflight
+
+    path = cfg.model.path
+    try:
+        if path == "tiny":
+            from .tiny import tiny_path
+
+            model_dir = str(tiny_path(seed=cfg.model.tiny_seed))
+        elif is_hub_id(path):
+            model_dir = snapshot_dir(path, files_only=True, local_only=bool(hub_unreachable()))
+        else:
+            model_dir = os.path.expanduser(path)
+    except ConfigError as e:
+        return "", [str(e)]
+    return model_dir, preflight(cfg, model_dir)
 
 
 def build_plan(cfg: Config, *, world: int | None = None, gpu_gib: float | None = None) -> Plan:
@@ -435,7 +458,8 @@ def build_plan(cfg: Config, *, world: int | None = None, gpu_gib: float | None =
         batches[stage] = batch_plan(cfg, stage, world, rows["data.train"])
         if arch is not None:
             memory[stage] = {w: memory_plan(arch, cfg, stage, w, gpu_gib) for w in worlds}
-    return Plan(arch, model_error, checks, batches, memory, world, gpu_gib, measured)
+    model_dir, problems = preflight_model(cfg) if arch is not None else ("", [])
+    return Plan(arch, model_error, checks, batches, memory, world, gpu_gib, measured, model_dir, problems)
 
 
 def _fmt(v: Any) -> str:
@@ -468,6 +492,11 @@ def format_plan(plan: Plan, cfg: Config) -> str:
             f"  parameters (from the config): {a.total_params:,} = text {a.text_params:,} + vision "
             f"{a.vision_params:,}"
             f" ({a.total_params / 1e9:.2f}B)"]
+    if a is not None:
+        lines.append(f"  launch preflight ({plan.model_dir or 'not resolved'}): "
+                     + ("ERROR" if plan.preflight
+                        else "OK (token ids, chat template, pixel-norm constants, image limits)"))
+        lines += [f"    - {p}" for p in plan.preflight]
     lines.append("")
     lines.append("== data")
     for c in plan.data:

@@ -2,13 +2,13 @@
 
     python -m rlcs_fast.profile_grpo --model 3b|7b|tiny [--layers K] [--prompts 8] [--n 4] [--out FILE]
 
-The phases are the trainer's own functions in ``run_grpo``'s order: weight sync into the engine
-(``load_weights`` of bf16 copies), rollout (``HFEngine.generate`` of ``--n`` responses to each of
-``--prompts`` image prompts, ``--response-len`` new tokens at most), rewards (random 0/1 per response:
-the scorer runs on the CPU and is not what a GPU run measures) and group advantages, then the policy
-update (``grpo.update``) on-policy: one update per rollout batch, the old log-probs taken from the
-training forward (``old_logprobs=None``). The no-grad forward that an off-policy step would add
-(``grpo.compute_logprobs``) is timed separately as ``old_logprobs_forward``: the time on-policy saves.
+The phases are the trainer's own, called as ``run_grpo`` calls them: ``grpo.generate`` (weight sync into
+the engine, then ``HFEngine.generate`` of ``--n`` responses to each of ``--prompts`` image prompts,
+``--response-len`` new tokens at most), ``grpo.score`` (rewards: random 0/1 per response, the scorer runs
+on the CPU and is not what a GPU run measures; group advantages), then ``grpo.train`` on-policy: one
+update per rollout batch, the old log-probs taken from the training forward. The no-grad forward that an
+off-policy step would add (``grpo.fill_logprobs``) is timed separately as ``old_logprobs_forward``: the
+time on-policy saves.
 Each phase sits between device synchronisations, with the peak of ``torch.cuda.max_memory_allocated``
 within it. The first step warms up (Triton autotuning, allocator) and is not reported.
 """
@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -43,19 +44,81 @@ class _Prompt:
 
 @dataclass
 class _StepContext:
-    """What ``grpo.update`` and ``grpo.compute_logprobs`` read of the trainer's ``StageContext``."""
+    """What the GRPO phases (``grpo.generate``, ``score``, ``fill_logprobs``, ``train``) read of the
+    trainer's ``StageContext``: the same policy, engine and weight sync; a tokenizer and a scorer that
+    stand in for the real ones (random weights have no vocabulary worth decoding, and the reward runs in
+    CPU workers a GPU profile does not measure: random 0/1 rewards)."""
 
     cfg: Any
     policy: Any
     model_config: Any
     device: torch.device
     kernels_impl: str
+    engine: Any
+    scorer: Any
+    processor: Any
+    banned_token_ids: tuple[int, ...] = ()
     world: int = 1
+    rank: int = 0
 
     def autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def sync_engine(self):
+        """As ``StageContext.sync_engine``: release cached memory, wake, push the policy's weights."""
+        from .trainer_utils import iter_full_weights, release_cached_memory
+
+        release_cached_memory()
+        self.engine.wake_up()
+        self.engine.load_weights(iter_full_weights(self.policy.model,
+                                                   torch.bfloat16 if self.device.type == "cuda" else None))
+        return self.engine
+
+
+class _RandomScorer:
+    """Random 0/1 accuracy per response, with ``RewardScorer``'s counters."""
+
+    num_errors = num_timeouts = 0
+
+    def __init__(self, seed: int):
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def score(self, responses: list[str], answers: list[str]) -> list[dict[str, float]]:
+        hits = torch.randint(0, 2, (len(responses),), generator=self.rng).tolist()
+        return [{"overall": float(h), "accuracy": float(h), "format": 1.0} for h in hits]
+
+
+class _IdsTokenizer:
+    def batch_decode(self, ids: list[list[int]], **_) -> list[str]:
+        return [" ".join(map(str, x)) for x in ids]
+
+
+class _PhaseTimer:
+    """``trainer_utils.Timer`` for the phases, between device synchronisations, with each phase's peak
+    of ``torch.cuda.max_memory_allocated``."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times, self.peaks = device, {}, {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                sync(timer.device)
+                if timer.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(timer.device)
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                sync(timer.device)
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
+                if timer.device.type == "cuda":
+                    timer.peaks[name] = torch.cuda.max_memory_allocated(timer.device) / 2**30
+
+        return _Span()
 
 
 def image_prompts(config, *, prompts: int, prompt_len: int, image_tokens: int, seed: int) -> list[_Prompt]:
@@ -95,24 +158,6 @@ def image_prompts(config, *, prompts: int, prompt_len: int, image_tokens: int, s
     return out
 
 
-def _phase(times: dict, peaks: dict, name: str, device: torch.device):
-    """Context manager: wall time and peak device memory of one phase, between synchronisations."""
-
-    @contextlib.contextmanager
-    def run():
-        sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        yield
-        sync(device)
-        times[name] = time.perf_counter() - t0
-        if device.type == "cuda":
-            peaks[name] = torch.cuda.max_memory_allocated(device) / 2**30
-
-    return run()
-
-
 def profile_grpo(
     config,
     device: torch.device,
@@ -131,13 +176,12 @@ def profile_grpo(
     """Phase times (s) and peak memory (GiB) of the last of ``steps`` GRPO steps (the first warms up)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from .advantages import group_advantages
+    from . import grpo as phases
     from .config import OptimConfig
-    from .grpo import build_rollouts, compute_logprobs, update
+    from .faults import BadStepGuard
     from .rollout.build import banned_token_ids
-    from .rollout.engine import SamplingParams
     from .rollout.hf_engine import HFEngine
-    from .trainer_utils import build_optimizer, iter_full_weights
+    from .trainer_utils import build_optimizer
 
     policy, _, backend = _build(config, device, grad_ckpt=grad_ckpt, seed=seed)
     opt, sched = build_optimizer(policy, OptimConfig(schedule="constant"), lr=1e-6, total_steps=steps)
@@ -147,41 +191,31 @@ def profile_grpo(
         engine_model = Qwen2_5_VLForConditionalGeneration(config)
     eos = config.text_config.eos_token_id
     engine = HFEngine(engine_model, device=device, batch_size=prompts * n, eos_token_id=eos, pad_token_id=eos)
-    ctx = _StepContext(cfg, policy, config, device, kernels_impl)
+    ctx = _StepContext(cfg, policy, config, device, kernels_impl, engine, _RandomScorer(seed),
+                       SimpleNamespace(tokenizer=_IdsTokenizer()), banned_token_ids(config))
     grpo = cfg.grpo
     requests = image_prompts(
         config, prompts=prompts, prompt_len=prompt_len, image_tokens=image_tokens, seed=seed
     )
-    rng = torch.Generator().manual_seed(seed)
-    wdtype = torch.bfloat16 if device.type == "cuda" else None
-    for step in range(steps):
-        times: dict[str, float] = {}
-        peaks: dict[str, float] = {}
-        with _phase(times, peaks, "sync", device):
-            engine.wake_up()
-            engine.load_weights(iter_full_weights(policy.model, wdtype))
-        with _phase(times, peaks, "rollout", device):
-            sampling = SamplingParams(
-                n=n,
-                temperature=1.0,
-                max_tokens=response_len,
-                seed=seed + step,
-                logprobs=True,
-                banned_token_ids=banned_token_ids(config),
-            )
-            completions = engine.generate(requests, sampling)
-            engine.sleep()
-        with _phase(times, peaks, "reward", device):
-            rewards = torch.randint(0, 2, (len(completions),), generator=rng).float()
-            advantages = group_advantages(rewards, n)
-            rollouts = build_rollouts(requests, completions, advantages, n)
-        with _phase(times, peaks, "old_logprobs_forward", device):  # what the on-policy update no longer runs
-            compute_logprobs(
-                policy, rollouts, ctx=ctx, max_tokens=grpo.max_tokens_per_microbatch,
-                temperature=grpo.temperature
-            )
-        with _phase(times, peaks, "train", device):
-            stats = update(ctx, rollouts, opt, sched, with_ref=False, on_policy=True)
+    guard = BadStepGuard(cfg.optim.max_bad_steps, "grpo")
+    # the trainer's plan for one update per rollout batch; the off-policy plan only to time what it adds
+    plan = phases.StepPlan(with_ref=False, on_policy=True, with_raw=grpo.temperature != 1.0)
+    off_policy = phases.StepPlan(with_ref=False, on_policy=False, with_raw=plan.with_raw)
+    for step in range(1, steps + 1):
+        timer = _PhaseTimer(device)
+        generated = phases.generate(ctx, requests, step, timer)  # time/sync, time/rollout
+        with timer("time/reward"):
+            scored = phases.score(ctx, requests, generated.completions, guard, step)
+        # what the on-policy update no longer runs
+        phases.fill_logprobs(ctx, scored.rollouts, None, off_policy, timer)  # time/old
+        for r in scored.rollouts:
+            r.old_logprobs = r.raw_logprobs = None
+        stats = phases.train(ctx, scored, opt, sched, plan, guard, step, timer)  # time/train
+    names = {"time/sync": "sync", "time/rollout": "rollout", "time/reward": "reward",
+             "time/old": "old_logprobs_forward", "time/train": "train"}
+    times = {names[k]: v for k, v in timer.times.items() if k in names}
+    peaks = {names[k]: v for k, v in timer.peaks.items() if k in names}
+    completions, rollouts = generated.completions, scored.rollouts
     generated = sum(len(c.response_ids) for c in completions)
     trained = sum(r.sample.input_ids.numel() for r in rollouts)
     step_s = sum(t for k, t in times.items() if k != "old_logprobs_forward")
@@ -249,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
             "grpo.max_prompt_length": args.prompt_len + args.image_tokens + 2,
             "grpo.max_response_length": args.response_len,
             "grpo.kl_coef": 0.0,
+            # one update per rollout batch (on-policy), of exactly these prompts
+            "grpo.n": args.n,
+            "grpo.rollout_batch_size": args.prompts,
+            "grpo.mini_batch_size": args.prompts,
+            "grpo.epochs": 1,
         },
     )
     grad_ckpt = args.model != "tiny" if args.grad_ckpt is None else args.grad_ckpt

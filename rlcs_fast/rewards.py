@@ -344,10 +344,9 @@ def load_reward_function(
 def _validate_score(result: object) -> dict[str, float]:
     if not isinstance(result, Mapping) or "overall" not in result:
         raise TypeError(f"a reward function must return a dict with an 'overall' key, got {result!r:.200}")
-    scores = {str(k): float(v) for k, v in result.items()}
-    if not all(math.isfinite(v) for v in scores.values()):
-        raise ValueError(f"non-finite reward {scores}")
-    return scores
+    # a non-finite value passes through: scored 0 it would be invisible, while the GRPO step sees it and
+    # skips the step on every rank (train/skipped_steps), and reward/non_finite counts it
+    return {str(k): float(v) for k, v in result.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------

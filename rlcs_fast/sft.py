@@ -16,7 +16,7 @@ import torch
 
 from . import dist
 from .checkpointer import Checkpointer
-from .data import Encoder, SkipCounter, encode_many, rank_share
+from .data import Encoder, SkipCounter, encode_many, rank_share, read_row
 from .kernels import fused_linear_logprob
 from .packing import pack
 from .stage import StageContext
@@ -62,7 +62,8 @@ def run_step(ctx: StageContext, samples: list, max_tokens: int) -> dict[str, flo
 def val_loss(ctx: StageContext, encoder: Encoder, table, max_tokens: int, skips: SkipCounter) -> float:
     ctx.policy.eval()
     idx = rank_share(list(range(len(table))), ctx.rank, ctx.world)
-    samples = encode_many(lambda row, i: encoder.sft(row), ((table[i], i) for i in idx), skips, "data.val")
+    samples = encode_many(lambda row, i: encoder.sft(row), ((read_row(table, i), i) for i in idx), skips,
+                          "data.val")
     filler = dummy_image_sample(ctx.model_config)
     micro, n_real = plan_step(samples, [s.input_ids.numel() for s in samples], max_tokens, filler)
     nll_sum, tokens = 0.0, 0
@@ -117,11 +118,14 @@ def run_sft(ctx: StageContext) -> None:
         if step % sft.log_every == 0 or last:
             ctx.metrics.log("sft", step, row)
         ctx.metrics.update_bar({"loss": row["train/loss"], "tok/s": row["perf/tokens_per_s"]})
-        if validator.should_validate(step, last):
-            if last:
-                ctx.metrics.close_bar()
-            validator.run(step)
+        # save (and export, at the end) before validating: a failure in validation never costs training
         checkpointer.save(step, last_step=last)
+        if last:
+            ctx.metrics.close_bar()
+            checkpointer.export()
+        if validator.should_validate(step, last):
+            validator.run(step)
     ctx.metrics.close_bar()
-    checkpointer.export()
+    if start >= total_steps:  # resumed from the last step's checkpoint: only the export was missing
+        checkpointer.export()
     ctx.close()

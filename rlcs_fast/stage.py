@@ -24,6 +24,7 @@ from .data import (
     lazy_images,
     load_table,
     rank_share,
+    read_row,
 )
 from .faults import BadStepGuard, Preemption
 from .metrics import MetricsLogger
@@ -118,7 +119,8 @@ class StageContext:
         data = self.cfg.data
         return Encoder(self.processor, self.model_config, self.columns, template=data.prompt_template,
                        system_prompt=data.system_prompt, min_pixels=data.min_pixels,
-                       max_pixels=data.max_pixels, max_length=max_length)
+                       max_pixels=data.max_pixels, max_length=max_length,
+                       max_images=self.cfg.rollout.max_images_per_prompt)
 
     @property
     def columns(self) -> Columns:
@@ -142,7 +144,7 @@ class StageContext:
         (rows that fail are skipped and counted in `skips`). The same rows for any world size."""
         rows = global_indices(len(table), (step - 1) * size, size, self.cfg.run.seed)
         mine = rank_share(rows, self.rank, self.world)
-        return encode_many(encode, ((table[i], i) for i in mine), skips, "data.train")
+        return encode_many(encode, ((read_row(table, i), i) for i in mine), skips, "data.train")
 
     def bad_step_guard(self) -> BadStepGuard:
         """Skips non-finite steps; `optim.max_bad_steps` in a row stop the run."""

@@ -20,6 +20,7 @@ from .config import ConfigError, dump_toml, parse_args, to_dict
 from .faults import EXIT_PREEMPTED, Preempted, Preemption, TooManyBadSteps
 from .metrics import MetricsLogger, setup_logging
 from .model import resolve_model_path
+from .preflight import check_launch
 from .rollout.build import SharedEngine, build_engine
 from .rollout.engine import RolloutEngine
 from .stage import StageContext, stage_dir, stage_done
@@ -57,7 +58,15 @@ def run(cfg, preemption: Preemption, engine: RolloutEngine | None = None) -> int
     log.info("run %s: stages %s, config written to %s", run_dir, cfg.run.stages, run_dir / "config.toml")
     metrics = MetricsLogger(run_dir, rank=rank, progress=cfg.log.progress, tensorboard=cfg.log.tensorboard,
                             wandb_project=cfg.log.wandb_project, config=to_dict(cfg))
-    init_path = resolve_model_path(cfg.model.path, tiny_seed=cfg.model.tiny_seed)
+    try:  # before any weight: a hub id becomes one local snapshot that trainer, engine and eval share
+        init_path = resolve_model_path(cfg.model.path, tiny_seed=cfg.model.tiny_seed)
+        check_launch(cfg, init_path)
+    except ConfigError as e:  # the same on every rank: all stop here
+        print(f"rlcs_fast: config error: {e}", file=sys.stderr)
+        metrics.close()
+        dist.shutdown()
+        return 2
+    log.info("model %s: %s", cfg.model.path, init_path)
 
     def build(model_path: str, tokenizer) -> RolloutEngine:
         return build_engine(cfg.rollout, model_path, tokenizer=tokenizer, device=device,
@@ -77,12 +86,12 @@ def run(cfg, preemption: Preemption, engine: RolloutEngine | None = None) -> int
         return EXIT_PREEMPTED
     except (TooManyBadSteps, CheckpointError) as e:  # agreed by all ranks; the message says what to do
         log.error("%s", e)
-        engines.close()
+        engines.close(graceful=False)
         metrics.close()
         dist.shutdown(wait=False)
         return 1
     except BaseException:
-        engines.close()
+        engines.close(graceful=False)
         metrics.close()
         dist.shutdown(wait=False)
         raise

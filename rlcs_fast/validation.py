@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import dist
-from .data import SkipCounter, encode_many, rank_share
+from .data import SkipCounter, encode_many, rank_share, read_row
 from .rollout.engine import Completion, SamplingParams
 
 log = logging.getLogger("rlcs_fast")
@@ -85,8 +85,8 @@ class Validator:
         ctx, grpo = self.ctx, self.ctx.cfg.grpo
         encoder = ctx.encoder(max_length=grpo.max_prompt_length)
         rows = rank_share(list(range(len(self.table))), ctx.rank, ctx.world)
-        prompts = encode_many(lambda row, i: encoder.prompt(row, i), ((self.table[i], i) for i in rows),
-                              SkipCounter(), "data.val")
+        prompts = encode_many(lambda row, i: encoder.prompt(row, i),
+                              ((read_row(self.table, i), i) for i in rows), SkipCounter(), "data.val")
         engine = ctx.sync_engine()
         sampling = val_sampling(n=self.n, temperature=self.temperature, top_p=grpo.top_p,
                                 max_tokens=grpo.max_response_length, seed=ctx.cfg.run.seed, rank=ctx.rank,

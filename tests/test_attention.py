@@ -201,3 +201,27 @@ def test_cuda_backends_match_sdpa_packed(causal: bool) -> None:
     torch.testing.assert_close(out.double().cpu(), want, rtol=0, atol=2e-2)
     out.sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+@pytest.mark.parametrize("have", ["flash", "torch_varlen", "none"])
+def test_auto_on_cuda_says_which_backend_and_why(monkeypatch, caplog, have) -> None:
+    """On a GPU without flash-attn and with torch < 2.11, ``auto`` fell back to per-sequence SDPA without
+    a word; every choice is now reported, the slow one as a warning naming the fix (CUDA mocked)."""
+    import logging
+
+    from rlcs_fast import attention
+
+    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention, "_flash_attn_varlen_func", lambda: object() if have == "flash" else None)
+    monkeypatch.setattr(attention, "_torch_varlen_attn", lambda: object() if have != "none" else None)
+    monkeypatch.setattr(attention, "_REPORTED", set())
+    monkeypatch.setitem(attention._WHY_NOT, "flash", "ImportError: undefined symbol _ZN3c10")
+    with caplog.at_level(logging.INFO, logger="rlcs_fast"):
+        choice = select_attention("auto")
+    assert choice == {"flash": "flash", "torch_varlen": "torch_varlen", "none": "sdpa_packed"}[have]
+    said = [r for r in caplog.records if r.name == "rlcs_fast" and "model.attention = auto" in r.getMessage()]
+    assert len(said) == 1 and choice in said[0].getMessage(), caplog.text
+    if have != "flash":
+        assert said[0].levelno == logging.WARNING and "undefined symbol" in said[0].getMessage()
+    if have == "none":
+        assert "SLOW" in said[0].getMessage() and "torch >= 2.11" in said[0].getMessage()

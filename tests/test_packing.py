@@ -108,7 +108,12 @@ def test_packed_equals_one_by_one(grid_set: str, train: bool) -> None:
     for i, (got, want) in enumerate(zip(unpack(lp.detach(), batch), ref_lp)):
         torch.testing.assert_close(got[:-1], want, rtol=0, atol=2e-5, msg=f"sequence {i}")
     g_ref, g_packed = grads(ref), grads(model)
-    assert {n for n, g in g_ref.items() if g is None} == {n for n, g in g_packed.items() if g is None}
+    # a text-only batch under grad gives the vision tower zero gradients (not None), as on 2 ranks: AdamW
+    # then moves it the same whatever the world size
+    untouched = {n for n, g in g_ref.items() if g is None}
+    assert untouched == {n for n, g in g_packed.items() if g is None or (n.startswith("model.visual.")
+                                                                          and not g.any())}
+    assert all(g_packed[n] is not None for n in untouched if n.startswith("model.visual.")) or not train
     if grid_set != "text":
         assert g_packed["model.visual.blocks.0.attn.qkv.weight"] is not None
     for name, g in g_ref.items():

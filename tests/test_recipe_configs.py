@@ -47,10 +47,26 @@ RELEASED = {
 }
 
 
+# the released repos' small files the launch preflight reads (values as published)
+PREPROCESSOR = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
+                "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}
+SPECIAL_IDS = {151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im_end|>",
+               151652: "<|vision_start|>", 151653: "<|vision_end|>", 151654: "<|vision_pad|>",
+               151655: "<|image_pad|>", 151656: "<|video_pad|>"}
+
+
 def released_dir(root: Path, size: str) -> Path:
+    """The released model's config, preprocessor and tokenizer config (no weights, no vocabulary)."""
     d = root / f"qwen2_5_vl_{size}"
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(RELEASED[size]))
+    (d / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    (d / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        str(i): {"content": t, "special": True} for i, t in SPECIAL_IDS.items()}}))
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}...{% endfor %}"
+    (d / "chat_template.json").write_text(json.dumps({"chat_template": template}))
     return d
 
 

@@ -326,9 +326,11 @@ def test_plugin_failures_score_zero_and_are_counted(plugin_scorer) -> None:
     answers = ["a", "x", "b", "x", "x", "x", "x", "x", "d"]
     timeouts, errors = plugin_scorer.num_timeouts, plugin_scorer.num_errors
     results = plugin_scorer.score(responses, answers)
-    assert [r["overall"] for r in results] == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    overall = [r["overall"] for r in results]
+    # a NaN is passed on, not scored 0: the GRPO step sees it and is skipped (reward/non_finite)
+    assert math.isnan(overall[5]) and overall[:5] + overall[6:] == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
     assert plugin_scorer.num_timeouts - timeouts == 1  # "sleep"
-    assert plugin_scorer.num_errors - errors == 4  # "raise", "nan", "not a dict", "crash"
+    assert plugin_scorer.num_errors - errors == 3  # "raise", "not a dict", "crash"
     assert plugin_scorer.score(["e", "f"], ["e", "g"])[0]["overall"] == 1.0
 
 

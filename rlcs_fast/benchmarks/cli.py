@@ -36,25 +36,17 @@ def per_bench(values: list[str], benches: list[str], flag: str) -> dict[str, str
 
 
 def resolve_model(model: str) -> str:
-    """A model directory, ``tiny``, or a hub id (``Qwen/Qwen2.5-VL-7B-Instruct``, the base model)."""
-    if model == "tiny":
-        from ..tiny import tiny_path
+    """A model directory, ``tiny``, or a hub id (``Qwen/Qwen2.5-VL-7B-Instruct``, the base model) resolved to
+    its local snapshot directory, the one directory the processor, the engine and the settings read."""
+    from ..eval_model import resolve_eval_model
 
-        return str(tiny_path())
-    if Path(model).is_dir() or (
-        model.count("/") == 1 and not Path(model).exists() and not model.startswith((".", "/"))
-    ):
-        return model
-    raise ConfigError(
-        f"--model {model!r} is not a directory (give an exported HF directory, e.g. "
-        "<run.dir>/grpo/hf, a hub id, or 'tiny')."
-    )
+    return resolve_eval_model(model)
 
 
 def shared_run_config(models: list[str]) -> Path | None:
     """The first run config among the models: a model without one (the base model) is prompted and
     sampled like the trained ones it is compared with."""
-    from ..eval import find_run_config
+    from ..eval_model import find_run_config
 
     for m in models:
         if Path(m).is_dir():
@@ -65,7 +57,7 @@ def shared_run_config(models: list[str]) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval import model_name
+    from ..eval_model import display_path, model_name
     from .report import write_report
     from .suite import run_model, score_answers
 
@@ -95,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             dirs = [resolve_model(m) for m in args.model]
             fallback = shared_run_config(dirs)
             for model, model_dir in zip(args.model, dirs):
-                name = model_name(model_dir, taken) if model != "tiny" else model_name("tiny", taken)
+                name = model_name("tiny" if model == "tiny" else display_path(model, model_dir), taken)
                 summaries[name] = run_model(model_dir, name, plan, args, device, out, fallback)
                 log.info(
                     "eval %s: %s",

@@ -114,7 +114,7 @@ def run_model(
     A model without a run config of its own (the base model) takes ``fallback_config``'s settings."""
     from ..config import Config, load_config
     from ..data import Columns, Encoder, SkipSample
-    from ..eval import load_for_eval, resolve_settings, run_settings
+    from ..eval_model import load_for_eval, resolve_settings, run_settings
     from ..rewards import RewardScorer
     from ..rollout.build import banned_token_ids
     from ..validation import val_sampling
@@ -142,6 +142,7 @@ def run_model(
         min_pixels=s.min_pixels,
         max_pixels=s.max_pixels,
         max_length=s.max_prompt_length,
+        max_images=s.rollout.max_images_per_prompt,
     )
     sampling = val_sampling(
         n=1,

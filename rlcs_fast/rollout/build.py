@@ -55,6 +55,7 @@ def build_engine(rollout: RolloutConfig, model_path: str, *, tokenizer, device: 
                           enforce_eager=rollout.enforce_eager,
                           enable_prefix_caching=rollout.enable_prefix_caching, max_model_len=max_model_len,
                           seed=seed, min_pixels=min_pixels, max_pixels=max_pixels,
+                          max_images_per_prompt=rollout.max_images_per_prompt,
                           load_format="auto" if from_disk else "dummy")
     from .hf_engine import HFEngine
 
@@ -81,8 +82,12 @@ class SharedEngine:
             self._engine = self._build(model_path, tokenizer)
         return self._engine
 
-    def close(self) -> None:
-        """End of the run: shut the engine down (engines without ``shutdown`` are just dropped)."""
+    def close(self, *, graceful: bool = True) -> None:
+        """End of the run: shut the engine down (engines without ``shutdown`` are just dropped).
+        ``graceful=False`` after an error that not every rank may have seen: an engine whose shutdown
+        waits for the other ranks (``shutdown_needs_peers``) is just dropped."""
         engine, self._engine = self._engine, None
-        if engine is not None and hasattr(engine, "shutdown"):
+        if engine is None or not hasattr(engine, "shutdown"):
+            return
+        if graceful or not getattr(engine, "shutdown_needs_peers", False):
             engine.shutdown()

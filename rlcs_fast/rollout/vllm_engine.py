@@ -226,7 +226,12 @@ class VLLMEngine:
             from vllm import LLM
         except ImportError as e:
             raise ImportError("rollout.engine = \"vllm\" needs vLLM: pip install 'rlcs-fast[vllm]'") from e
-        hf = json.loads((Path(model_path) / "config.json").read_text()) if Path(model_path).is_dir() else {}
+        if not (Path(model_path) / "config.json").is_file():
+            # a hub id read as "no config" ran without image settings and crashed at the first image:
+            # callers resolve hub ids first (rlcs_fast.hub.resolve_model_path)
+            raise ValueError("VLLMEngine needs a local model directory with config.json, got "
+                             f"{model_path!r}: resolve a hub id with rlcs_fast.hub.resolve_model_path first")
+        hf = json.loads((Path(model_path) / "config.json").read_text())
         self.image_token_id: int | None = hf.get("image_token_id")
         self.eos_token_id = eos_token_id
         self.tensor_parallel_size = tensor_parallel_size
@@ -252,6 +257,11 @@ class VLLMEngine:
             kwargs["disable_custom_all_reduce"] = True
         if dtype == "auto":
             dtype = "bfloat16" if on_gpu else "float32"
+        if not on_gpu:
+            # a seeded request whose prefill is split over steps has its sampled token discarded, and
+            # vLLM then rewinds its generator's offset, which a CPU generator does not have ("CPU
+            # Generator does not use offset"): no chunked prefill on the CPU, every prompt in one step
+            max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
         _ensure_launcher_env()
         self.llm = LLM(
             model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, load_format=load_format,
@@ -259,7 +269,7 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
             enforce_eager=enforce_eager,
-            enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=True,
+            enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=on_gpu,
             enable_sleep_mode=self.sleep_mode,
             # the model's own log-probs, before temperature, top-p and the ban: "processed" ones are
             # renormalised over the nucleus and the allowed tokens, which the trainer's are not
@@ -317,6 +327,21 @@ class VLLMEngine:
     def _restore_input_norm(self) -> int:
         constants = self._norm_constants
         return sum(self.llm.apply_model(lambda model: restore_input_norm(model, constants)))
+
+    shutdown_needs_peers = True  # `shutdown` holds a barrier: not after an error only one rank saw
+
+    def shutdown(self) -> None:
+        """End of the run (``SharedEngine.close``, before the trainer's own ``dist.shutdown``): vLLM's
+        teardown destroys its groups and the default process group, which its exit-time finalizer would
+        otherwise try after the trainer destroyed them ("Invalid process group specified" tracebacks)."""
+        import torch.distributed as tdist
+
+        client = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if client is None or not hasattr(client, "shutdown"):
+            return
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            tdist.barrier()  # every rank has finished with the group before any rank tears it down
+        client.shutdown()
 
     def memory_gb(self) -> float:
         """GPU memory resident in vLLM's sleepable pools (weights, KV cache), in GiB; 0 without them."""
