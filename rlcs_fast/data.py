@@ -366,11 +366,6 @@ def global_indices(n: int, start: int, count: int, seed: int) -> list[int]:
     return out
 
 
-def rank_share(items: list, rank: int, world: int) -> list:
-    """This rank's strided share of a global batch."""
-    return items[rank::world]
-
-
 def encode_many(fn, rows_and_idx, counter: SkipCounter, where: str) -> list:
     """Apply `fn` to each (row, index), skipping and counting bad rows."""
     out = []

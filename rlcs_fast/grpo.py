@@ -26,8 +26,9 @@ from .faults import BadStepGuard, all_finite
 from .kernels import fused_linear_grpo_loss, fused_linear_logprob
 from .packing import Sample, extend_positions, pack
 from .rollout.engine import Completion, SamplingParams
+from .schedule import plan_step
 from .stage import StageContext
-from .trainer_utils import Timer, clip_grad_norm, dummy_image_sample, peak_memory_gb, plan_step
+from .trainer_utils import Timer, clip_grad_norm, dummy_image_sample, peak_memory_gb
 from .validation import Validator, ground_truth
 
 log = logging.getLogger("rlcs_fast")

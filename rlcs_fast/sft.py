@@ -16,11 +16,12 @@ import torch
 
 from . import dist
 from .checkpointer import Checkpointer
-from .data import Encoder, SkipCounter, encode_many, rank_share
+from .data import Encoder, SkipCounter, encode_many
 from .kernels import fused_linear_logprob
 from .packing import pack
+from .schedule import plan_step, rank_share
 from .stage import StageContext
-from .trainer_utils import clip_grad_norm, dummy_image_sample, peak_memory_gb, plan_step
+from .trainer_utils import clip_grad_norm, dummy_image_sample, peak_memory_gb
 from .validation import Validator
 
 log = logging.getLogger("rlcs_fast")
