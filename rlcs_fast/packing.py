@@ -333,7 +333,7 @@ def forward_hidden(model: nn.Module, batch: PackedBatch, *, touch_vision: bool |
     out = inner(
         **inputs,
         position_ids=batch.position_ids,
-        attention_mask=None,
+        attention_mask=_no_mask(inner),
         use_cache=False,
         **kwargs,
     )
@@ -341,6 +341,17 @@ def forward_hidden(model: nn.Module, batch: PackedBatch, *, touch_vision: bool |
     if dummy_vision is not None:
         hidden = hidden + 0.0 * dummy_vision
     return hidden
+
+
+def _no_mask(inner: nn.Module) -> dict[str, None] | None:
+    """No attention mask. With the packed backend, as the precomputed per-layer-type mapping: the
+    backend takes ``cu_seq_lens`` and never reads a mask, and transformers' mask builder would read the
+    positions back from the device to look for packing (a host sync per forward)."""
+    from .attention import ATTENTION_NAME
+
+    if inner.language_model.config._attn_implementation != ATTENTION_NAME:
+        return None  # sdpa/eager: transformers builds the block-diagonal mask from the positions
+    return {"full_attention": None, "sliding_attention": None}
 
 
 def _embed_with_images(inner: nn.Module, batch: PackedBatch) -> Tensor:
@@ -353,8 +364,7 @@ def _embed_with_images(inner: nn.Module, batch: PackedBatch) -> Tensor:
             k: v.to(batch.pixel_values.device) if isinstance(v, Tensor) else v
             for k, v in vision_kwargs(inner.config.vision_config, batch.image_grid_thw).items()
         }
-    features = inner.get_image_features(batch.pixel_values, batch.image_grid_thw.cpu(), return_dict=True,
-                                        **vkw)
+    features = inner.get_image_features(batch.pixel_values, batch.image_grid_thw, return_dict=True, **vkw)
     image_embeds = torch.cat(list(features.pooler_output))  # [distinct image tokens, H]
     if batch.image_embed_index is not None:
         image_embeds = image_embeds.index_select(0, batch.image_embed_index)  # backward: index_add

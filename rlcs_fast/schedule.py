@@ -135,3 +135,17 @@ def rank_imbalance(tokens_per_rank: Sequence[float]) -> float:
     """max over mean of the ranks' token counts (1 = perfectly even): the step waits for the busiest."""
     mean = sum(tokens_per_rank) / max(len(tokens_per_rank), 1)
     return max(tokens_per_rank) / mean if mean > 0 else 1.0
+
+
+def split_groups(groups: Sequence[Hashable], parts: int) -> list[range]:
+    """``parts`` consecutive slices of a list whose items come in runs of equal group ids, cut at the run
+    boundary nearest to each even cut (so a group's responses stay in one mini-batch, sharing their image);
+    with equal-size groups that divide evenly, the same slices as cutting by count."""
+    n = len(groups)
+    starts = [i for i in range(n) if i == 0 or groups[i] != groups[i - 1]] + [n]
+    cuts = [0]
+    for m in range(1, parts):
+        target = m * n // parts
+        cuts.append(max(cuts[-1], min(starts, key=lambda s: (abs(s - target), s))))
+    cuts.append(n)
+    return [range(a, b) for a, b in zip(cuts, cuts[1:])]

@@ -19,6 +19,7 @@ from .checkpointer import Checkpointer
 from .data import Encoder, SkipCounter, encode_many
 from .kernels import fused_linear_logprob
 from .packing import pack
+from .prefetch import prefetched
 from .schedule import plan_step, rank_share
 from .stage import StageContext
 from .trainer_utils import clip_grad_norm, dummy_image_sample, peak_memory_gb
@@ -41,22 +42,23 @@ def run_step(ctx: StageContext, samples: list, max_tokens: int) -> dict[str, flo
     """Forward/backward over this rank's samples; returns the global NLL sum and token counts."""
     filler = dummy_image_sample(ctx.model_config)
     micro, n_real = plan_step(samples, [s.input_ids.numel() for s in samples], max_tokens, filler)
-    counts = dist.reduce_sums({"loss_tokens": sum(int(s.target_mask.sum()) for s in samples),
+    counts = dist.reduce_sums({"loss_tokens": sum(int(s.target_mask.sum()) for s in samples),  # host
                                "tokens": sum(s.input_ids.numel() for s in samples)})
     loss_tokens = counts["loss_tokens"]
-    nll = torch.zeros((), dtype=torch.float64)
-    for i, mb in enumerate(micro):
-        batch = pack(mb, ctx.model_config.vision_config).to(ctx.device)
+    nll = torch.zeros((), dtype=torch.float64, device=ctx.device)  # read once, after the loop
+    packed = prefetched(lambda mb: pack(mb, ctx.model_config.vision_config).pin_memory(), micro)
+    for i, host in enumerate(packed):
+        batch = host.to(ctx.device, non_blocking=True)
         weight = 1.0 if i < n_real else 0.0
         # FSDP2 averages gradients over ranks; the loss is a global sum, so undo the average
         scale = weight * ctx.world / max(loss_tokens, 1.0)
-        targets = batch.targets[batch.loss_mask]
+        targets = batch.targets.index_select(0, batch.loss_index)
         with ctx.autocast():
             loss = ctx.policy(batch, sft_loss_fn(targets, scale, ctx.kernels_impl))
         loss.backward()
         if weight:
-            nll += loss.detach().double().cpu() * loss_tokens / ctx.world
-    return {"nll_sum": dist.reduce_sums({"nll": float(nll)})["nll"], **counts}
+            nll += loss.detach().double() * (loss_tokens / ctx.world)
+    return {"nll_sum": dist.reduce_sums({"nll": float(nll.cpu())})["nll"], **counts}
 
 
 @torch.no_grad()

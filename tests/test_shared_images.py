@@ -7,11 +7,11 @@ from __future__ import annotations
 import copy
 
 import torch
+from test_packing import CFG, make_sample, packed_logprobs
 
 from rlcs_fast.attention import apply_attention
 from rlcs_fast.packing import Sample, pack
 from rlcs_fast.schedule import plan_microbatches
-from test_packing import CFG, make_sample, packed_logprobs
 
 
 def _group(gen: torch.Generator, grids, n: int) -> list[Sample]:
