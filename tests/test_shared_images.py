@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from test_packing import CFG, make_sample, packed_logprobs
 
@@ -108,3 +109,37 @@ def test_plan_keeps_a_group_in_one_microbatch_where_the_budget_allows():
     # a group over the budget is cut into as few parts as the budget needs
     plan = plan_microbatches(lengths[:8], per_group // 2 + 60, groups[:8])
     assert len(plan) == 2 and sorted(i for mb in plan for i in mb) == list(range(8))
+
+
+@pytest.mark.slow
+def test_tower_patches_per_response_in_a_tiny_grpo_update(tmp_path):
+    """configs/tiny.toml's update of 16 prompts x 8 responses (one 36-patch image each): the tower
+    processed 36 patches with gradients per response (one copy each); now at most 36 / 8 + fillers."""
+    from test_host_syncs import _ctx
+
+    from rlcs_fast.config import OptimConfig
+    from rlcs_fast.grpo import Rollout, build_rollouts, update
+    from rlcs_fast.rollout.engine import Completion
+    from rlcs_fast.trainer_utils import build_optimizer
+
+    ctx = _ctx(tmp_path, 8192)  # tiny.toml's grpo.max_tokens_per_microbatch
+    table, _ = ctx.load_tables(kind="rl")
+    enc = ctx.encoder(max_length=256)
+    prompts = [enc.prompt(table[j], j) for j in range(16)]
+    assert all(int(p.image_grid_thw.prod(-1).sum()) == 36 for p in prompts)
+    gen = torch.Generator().manual_seed(0)
+    completions = [Completion(prompt_ids=[], response_ids=torch.randint(0, 1000, (int(torch.randint(
+        8, 64, (1,), generator=gen)),), generator=gen).tolist(), logprobs=None, finish_reason="stop")
+                   for _ in range(16 * 8)]
+    advantages = torch.randn(16 * 8, generator=gen)
+    rollouts: list[Rollout] = build_rollouts(prompts, completions, advantages, 8)
+    patches = []
+
+    def count(module, args, kwargs):
+        if torch.is_grad_enabled():
+            patches.append(args[0].shape[0])
+
+    ctx.policy.model.model.visual.register_forward_pre_hook(count, with_kwargs=True)
+    opt, sched = build_optimizer(ctx.policy, OptimConfig(schedule="constant"), lr=1e-4, total_steps=1)
+    update(ctx, rollouts, opt, sched, with_ref=False, on_policy=True)
+    assert sum(patches) / len(rollouts) <= 9, patches
