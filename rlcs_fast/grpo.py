@@ -27,6 +27,7 @@ from .faults import BadStepGuard, all_finite
 from .kernels import fused_linear_grpo_loss, fused_linear_logprob
 from .packing import PackedBatch, Sample, extend_positions, pack
 from .prefetch import prefetched
+from .rebalance import balance_minibatches
 from .rollout.engine import Completion, SamplingParams
 from .schedule import plan_step, split_groups
 from .stage import StageContext
@@ -285,6 +286,19 @@ class Scored:
     lengths: torch.Tensor  # [B * n] response lengths
     rollouts: list[Rollout]  # the completions of the groups kept by dynamic sampling
     finite: bool  # rewards and advantages finite on every rank; if not, `rollouts` is empty
+    # this rank's share of each mini-batch after balancing tokens over ranks (None: cut `rollouts` here)
+    minibatches: list[list[Rollout]] | None = None
+
+
+def balance(ctx: StageContext, scored: Scored, timer: Timer) -> dict[str, float]:
+    """Move whole groups between ranks so that each mini-batch's tokens are even over ranks (after the
+    advantages: they travel with the rollouts); ``scored.rollouts`` becomes this rank's new share."""
+    grpo = ctx.cfg.grpo
+    with timer("time/balance"):
+        scored.minibatches, metrics = balance_minibatches(
+            scored.rollouts, grpo.rollout_batch_size // grpo.mini_batch_size, ctx.rank, ctx.world)
+    scored.rollouts = [r for part in scored.minibatches for r in part]
+    return metrics
 
 
 def generate(ctx: StageContext, prompts: list, step: int, timer: Timer) -> Generated:
@@ -364,9 +378,10 @@ def train(ctx: StageContext, scored: Scored, opt, sched, plan: StepPlan, guard: 
     with timer("time/train"):
         if not scored.finite:
             return stats
+        minibatches = scored.minibatches or [[rollouts[k] for k in span]
+                                             for span in split_groups([r.group for r in rollouts], n_mini)]
         for _ in range(grpo.epochs):
-            for span in split_groups([r.group for r in rollouts], n_mini):
-                part = [rollouts[k] for k in span]
+            for part in minibatches:
                 stats = update(ctx, part, opt, sched, with_ref=plan.with_ref, on_policy=plan.on_policy,
                                with_raw=plan.with_raw)
                 if not stats.pop("finite"):
@@ -433,6 +448,7 @@ def run_grpo(ctx: StageContext) -> None:
         generated = generate(ctx, prompts, step, timer)
         with timer("time/reward"):
             scored = score(ctx, prompts, generated.completions, guard, step)
+        balance_stats = balance(ctx, scored, timer)
         fill_logprobs(ctx, scored.rollouts, ref_policy, plan, timer)
         train_stats = train(ctx, scored, opt, sched, plan, guard, step, timer)
         # the next step's sync pushes the new weights to the engine
@@ -441,7 +457,7 @@ def run_grpo(ctx: StageContext) -> None:
         dt = time.perf_counter() - t0
         row = {**rollout_metrics(ctx, generated, scored, len(prompts)), **train_stats,
                "train/skipped_steps": guard.skipped, **skips.metrics(), **timer.times,
-               **generated.engine_memory, "perf/tokens_per_s": tokens / dt, "time/step": dt,
+               **generated.engine_memory, **balance_stats, "perf/tokens_per_s": tokens / dt, "time/step": dt,
                "mem/peak_gb": peak_memory_gb(ctx.device)}
         if step % grpo.log_every == 0 or last:
             ctx.metrics.log("grpo", step, row)

@@ -118,8 +118,12 @@ def karmarkar_karp(weights: Sequence[float], k: int) -> list[list[int]]:
 def balance_groups(group_tokens: Sequence[float], owners: Sequence[int], world: int) -> list[int]:
     """New owner rank of each group: Karmarkar-Karp parts of the groups' token counts, each part given to
     the rank that already holds most of its tokens (fewest bytes moved); ``owners[g]``: where group g is
-    now. Deterministic: every rank computes the same answer from the all-gathered counts."""
+    now; a placement already as even as Karmarkar-Karp's stays as it is. Deterministic: every rank
+    computes the same answer from the all-gathered counts."""
     parts = karmarkar_karp(group_tokens, world)
+    now = [sum(t for t, o in zip(group_tokens, owners) if o == r) for r in range(world)]
+    if max(now) <= max(sum(group_tokens[g] for g in part) for part in parts):
+        return list(owners)
     overlap = [[sum(group_tokens[g] for g in part if owners[g] == r) for r in range(world)] for part in parts]
     new_owner = [0] * len(group_tokens)
     free = set(range(world))
