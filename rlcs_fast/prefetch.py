@@ -39,3 +39,33 @@ def prefetched(fn: Callable[[T], R], items: Iterable[T], *, ahead: int = 1) -> I
         finally:
             for future in pending:
                 future.cancel()
+
+
+class DeferredSkips:
+    """Records skipped rows on the worker; ``replay`` counts them in the run's ``SkipCounter`` when the
+    caller consumes their step, so a checkpoint holds exactly the skips of the steps it has trained (the
+    resume rules of a plain loop) and the one warning per kind comes from the caller's counter."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple] = []
+
+    def add(self, kind: str, detail: str = "", where: str = "", key: object = None) -> None:
+        self.entries.append((kind, detail, where, key))
+
+    def replay(self, counter) -> None:
+        for kind, detail, where, key in self.entries:
+            counter.add(kind, detail, where, key=key)
+
+
+def prefetched_steps(load: Callable[[int, DeferredSkips], R], steps: Iterable[int],
+                     skips) -> Iterator[tuple[int, R]]:
+    """(step, ``load(step, recorder)``) for each step, step k+1 loaded on the worker while step k computes;
+    the skips a step's load records reach ``skips`` when that step is yielded."""
+
+    def run(step: int):
+        recorder = DeferredSkips()
+        return step, load(step, recorder), recorder
+
+    for step, batch, recorder in prefetched(run, steps):
+        recorder.replay(skips)
+        yield step, batch

@@ -19,7 +19,7 @@ from .checkpointer import Checkpointer
 from .data import Encoder, SkipCounter, encode_many
 from .kernels import fused_linear_logprob
 from .packing import pack
-from .prefetch import prefetched
+from .prefetch import prefetched, prefetched_steps
 from .schedule import plan_step, rank_share
 from .stage import StageContext
 from .trainer_utils import clip_grad_norm, dummy_image_sample, peak_memory_gb
@@ -99,11 +99,15 @@ def run_sft(ctx: StageContext) -> None:
     log.info("sft: %d steps of %d sequences (%d train rows, %d val rows), lr %.3g, from step %d",
              total_steps, sft.global_batch_size, len(train_table), len(val_table), ctx.lr, start)
     ctx.metrics.start_bar("sft", total_steps, start)
-    for step in range(start + 1, total_steps + 1):
+    # step k+1's rows are decoded, resized and processed on a worker while step k trains
+    def load(step: int, recorder) -> list:
+        return ctx.step_batch(train_table, step, sft.global_batch_size, lambda row, i: encoder.sft(row),
+                              recorder)
+
+    batches = prefetched_steps(load, range(start + 1, total_steps + 1), skips)
+    for step, samples in batches:
         last = step == total_steps
         t0 = time.perf_counter()
-        samples = ctx.step_batch(train_table, step, sft.global_batch_size, lambda row,
-                                 i: encoder.sft(row), skips)
         out = run_step(ctx, samples, sft.max_tokens_per_microbatch)
         grad_norm = clip_grad_norm(ctx.policy, cfg.optim.grad_clip)
         lr = sched.get_last_lr()[0]
