@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .overhead import OverheadCounter
 from .profile import REPO, _build, environment, released_config, sync
 
 
@@ -182,6 +183,9 @@ def profile_grpo(
             )
         with _phase(times, peaks, "train", device):
             stats = update(ctx, rollouts, opt, sched, with_ref=False, on_policy=True)
+    # issue 22's figures on the device: one more, untimed, update under the counter
+    with OverheadCounter(policy, opt) as counter:
+        update(ctx, rollouts, opt, sched, with_ref=False, on_policy=True)
     generated = sum(len(c.response_ids) for c in completions)
     trained = sum(r.sample.input_ids.numel() for r in rollouts)
     step_s = sum(t for k, t in times.items() if k != "old_logprobs_forward")
@@ -202,6 +206,7 @@ def profile_grpo(
         "decoder_layers": config.text_config.num_hidden_layers,
         "attention": backend,
         "train_stats": stats,
+        "overhead": counter.figures(rollouts),
     }
 
 
