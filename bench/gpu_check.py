@@ -16,7 +16,9 @@ and recorded as ``timeout``; the next one still runs). ``gpu_check.json`` and ``
    architecture (random weights), tokens/s, MFU and peak memory per phase, against the memory predicted by
    ``python -m rlcs_fast.profile --plan`` for one GPU of this size.
 4. ``grpo_3b``: ``python -m rlcs_fast.profile_grpo --model 3b``: one GRPO step with the transformers engine,
-   each phase timed (sync, rollout, reward, train) and the old-log-prob forward that on-policy saves.
+   each phase timed (sync, rollout, reward, train) and the old-log-prob forward that on-policy saves; and
+   issue 22's figures of one more (untimed) update: host syncs, host→device bytes, tower patches with
+   gradients per response (``rlcs_fast.overhead.OverheadCounter``).
 
 ``--smoke`` runs the same steps at tiny sizes on the CPU (the Triton interpreter in the kernel steps, the
 tiny model with the torch kernels in the step profiles) in about 70 s of CPU time:
@@ -244,9 +246,14 @@ def headline(step: str, result: dict[str, Any]) -> str:
             f"{plan['predicted_peak_gib']:.1f} GiB"
         )
     t = result["time_s"]
+    o = result.get("overhead") or {}
+    waste = (f"; per update: {o['host_syncs_per_update']} host syncs, "
+             f"{o['h2d_bytes_per_update'] / 1e6:,.1f} MB host→device, "
+             f"{o['tower_patches_with_grad_per_response']:.1f} tower patches per response"
+             if o else "")
     return (
         ", ".join(f"{k} {v:.2f} s" for k, v in t.items()) + f"; {result['generate_tokens_per_s']:,.0f} "
-        f"generated tok/s; on-policy saves {result['saved_by_on_policy_s']:.2f} s"
+        f"generated tok/s; on-policy saves {result['saved_by_on_policy_s']:.2f} s" + waste
     )
 
 

@@ -4,8 +4,9 @@ Padded (the baseline a fixed micro-batch size gives): each rank's share of a ste
 into micro-batches of ``b`` sequences, and each micro-batch is padded to its longest sequence, so it costs
 ``b × max length`` positions. Also reported: the same with the step's sequences sorted by length first (a
 length-grouped sampler, padding's best case). Packed (this trainer): the micro-batches that
-``rlcs_fast.trainer_utils.plan_step`` plans under ``max_tokens_per_microbatch``, which cost exactly their
-tokens, plus the repeated micro-batches ``plan_step`` adds so that every rank runs as many as the busiest.
+``rlcs_fast.schedule.plan_step`` plans under ``max_tokens_per_microbatch``, which cost exactly their
+tokens, plus the 3-token filler micro-batches ``plan_step`` adds so that every rank runs as many as the
+busiest.
 ``b`` is either fixed (the recipe's per-device micro-batch size) or "matched": the smallest ``b`` that gives
 no more micro-batches than the packed plan, i.e. as many forward passes as packing.
 
@@ -35,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from rlcs_fast.config import load_config
-from rlcs_fast.data import global_indices, rank_share, smart_resize
-from rlcs_fast.trainer_utils import plan_step
+from rlcs_fast.data import global_indices, smart_resize
+from rlcs_fast.schedule import plan_step, rank_share
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,9 +74,9 @@ def packed_step(rank_lengths: list[list[int]], max_tokens: int) -> tuple[int, in
     positions = 0
     for micro, _ in plans:
         positions += sum(sum(mb) for mb in micro)
-        # plan_step evens out the count over ranks by repeating a rank's first micro-batch (run with
-        # weight 0): it is computed all the same. Without a process group each plan is a rank's own.
-        positions += (count - len(micro)) * sum(micro[0])
+        # plan_step evens out the count over ranks with 3-token filler micro-batches (weight 0), computed
+        # all the same. Without a process group each plan is a rank's own.
+        positions += (count - len(micro)) * 3
     return positions, count
 
 

@@ -9,6 +9,8 @@ Sources (whatever exists; nothing is typed by hand):
 - ``profile_*.json`` (``python -m rlcs_fast.profile --out ...``): training step throughput, MFU, memory.
 - ``aot_sm90a.json`` (``bench/aot_report.py``): registers, spills, shared memory, HGMMA per kernel config.
 - ``packing_ratio_cpu.json`` (``bench/packing_ratio.py``): packed vs padded token positions.
+- ``overhead_<model>_cpu.json`` (``python -m rlcs_fast.profile --overhead``): a GRPO step's FLOPs, host→device
+  bytes, host syncs, host seconds and rank imbalance, before and after issue 22.
 Plots need matplotlib (``pip install 'rlcs-fast[plot]'``); without it the tables are still rendered.
 """
 
@@ -135,6 +137,20 @@ def packing_table(d: dict[str, Any], name: str) -> list[str]:
     return out + [""]
 
 
+def overhead_table(d: dict[str, Any], name: str) -> list[str]:
+    from rlcs_fast.overhead import markdown
+
+    rec, env = d["recipe"], d["environment"]
+    return [f"#### A {d['model']} GRPO step's overhead, before and after issue 22 "
+            f"(`python -m rlcs_fast.profile --overhead`, `bench/results/{name}.json`)", "",
+            f"Counted on the CPU ({env.get('device', 'cpu')}) at the recipe's shapes: {rec['prompts']} "
+            f"prompts × {rec['n']} responses, {rec['ranks']} simulated ranks, {rec['updates_per_step']} "
+            "updates per step, "
+            f"{rec['max_tokens_per_microbatch']:,} tokens per micro-batch, images of "
+            f"{rec['min_pixels']:,}-{rec['max_pixels']:,} pixels; responses "
+            f"{d['assumptions']['responses']}. Host seconds are this machine's.", "", markdown(d), ""]
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     lines: list[str] = []
     kernels = gpu_kernel_runs(data)
@@ -150,6 +166,9 @@ def render_markdown(data: dict[str, Any]) -> str:
     for name, d in sorted(data.items()):
         if isinstance(d, dict) and d.get("generated_by") == "bench/packing_ratio.py":
             lines += packing_table(d, name)
+    for name, d in sorted(data.items()):
+        if isinstance(d, dict) and d.get("generated_by") == "rlcs_fast.overhead":
+            lines += overhead_table(d, name)
     return "\n".join(lines).rstrip() + "\n"
 
 

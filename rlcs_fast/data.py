@@ -408,11 +408,6 @@ def global_indices(n: int, start: int, count: int, seed: int) -> list[int]:
     return out
 
 
-def rank_share(items: list, rank: int, world: int) -> list:
-    """This rank's strided share of a global batch."""
-    return items[rank::world]
-
-
 def read_row(table, i: int) -> dict[str, Any] | SkipSample:
     """Row ``i``, or the reason it cannot be read: a string column holding invalid UTF-8 (the bytes a
     non-checking writer leaves in parquet) fails in the Arrow-to-Python conversion of that row only."""

@@ -12,6 +12,7 @@ Everything per token lives on packed sequences. The advantage math is :mod:`rlcs
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -25,10 +26,13 @@ from .checkpointer import Checkpointer
 from .data import SkipCounter
 from .faults import BadStepGuard, all_finite
 from .kernels import fused_linear_grpo_loss, fused_linear_logprob
-from .packing import Sample, extend_positions, pack
+from .packing import PackedBatch, Sample, extend_positions, pack
+from .prefetch import prefetched
+from .rebalance import balance_minibatches
 from .rollout.engine import Completion, SamplingParams
+from .schedule import plan_step, split_groups
 from .stage import StageContext
-from .trainer_utils import Timer, clip_grad_norm, dummy_image_sample, peak_memory_gb, plan_step
+from .trainer_utils import Timer, clip_grad_norm, dummy_image_sample, peak_memory_gb
 from .validation import Validator, ground_truth
 
 log = logging.getLogger("rlcs_fast")
@@ -46,9 +50,10 @@ class Rollout:
     # [R] the old policy at T = 1 when the rollout temperature is not 1: engines report raw log-probs
     # (before temperature, top-p and bans), so rollout/logprob_diff compares the same distribution
     raw_logprobs: torch.Tensor | None = None
+    group: int = 0  # its prompt's index in the step: a group's responses share the prompt's image
 
-    @property
-    def response_len(self) -> int:
+    @functools.cached_property
+    def response_len(self) -> int:  # counted once on the host: the micro-batch loops read it often
         return int(self.sample.target_mask.sum())
 
 
@@ -67,7 +72,7 @@ def build_rollouts(prompts: list, completions: list[Completion], advantages: tor
         target[prompt.prompt_ids.numel():] = True
         sample = Sample(ids, target, extend_positions(prompt.position_ids, response.numel()),
                         prompt.pixel_values, prompt.image_grid_thw)
-        out.append(Rollout(sample, float(advantages[j]), completion.logprobs))
+        out.append(Rollout(sample, float(advantages[j]), completion.logprobs, group=j // n))
     return out
 
 
@@ -93,28 +98,38 @@ def compute_logprobs(policy, rollouts: list[Rollout], *, ctx: StageContext, max_
                      temperature: float, with_raw: bool = False) -> list[torch.Tensor]:
     """Per-response log-probs [R] of `policy` (old policy or reference), micro-batched by tokens
     ([R, 2] with the log-probs at T = 1 too when `with_raw`)."""
-    filler = dummy_image_sample(ctx.model_config)
-    samples = [r.sample for r in rollouts]
-    micro, n_real = plan_step(list(range(len(samples))), [s.input_ids.numel() for s in samples],
-                              max_tokens, -1)
-    out: list[torch.Tensor | None] = [None] * len(samples)
+    micro, n_real = plan_rollouts(ctx, rollouts, max_tokens)
+    parts = []  # [N_i] (or [N_i, 2]) per real micro-batch, kept on the device until the end
     was_training = policy.training
     policy.eval()
-    for i, mb in enumerate(micro):
-        items = [samples[k] if k >= 0 else filler for k in mb]
-        batch = pack(items, ctx.model_config.vision_config).to(ctx.device)
-        targets = batch.targets[batch.loss_mask]
+    for i, host in enumerate(prefetched(lambda mb: pack_rollouts(ctx, mb), micro)):
+        batch = host.to(ctx.device, non_blocking=True)
+        targets = batch.targets.index_select(0, batch.loss_index)
         with ctx.autocast():
             head = logprob_head(targets, temperature, ctx.kernels_impl, with_raw=with_raw)
-            logprobs = policy(batch, head).float().cpu()
-        if i >= n_real:
-            continue
-        lengths = [int(item.target_mask.sum()) for item in items]
-        for k, part in zip(mb, torch.split(logprobs, lengths)):
-            if k >= 0:
-                out[k] = part
+            logprobs = policy(batch, head)
+        if i < n_real:
+            parts.append(logprobs.float())
     policy.train(was_training)
-    return out
+    order = [r for mb in micro[:n_real] for r in mb]
+    flat = torch.cat(parts).cpu() if parts else torch.empty(0)  # one device→host copy per pass
+    by_rollout = dict(zip(map(id, order), torch.split(flat, [r.response_len for r in order])))
+    return [by_rollout[id(r)] for r in rollouts]
+
+
+def plan_rollouts(ctx: StageContext, rollouts: list[Rollout], max_tokens: int) -> tuple[list[list], int]:
+    """This rank's rollouts in micro-batches, a group's responses together where the budget allows (its
+    image then runs through the tower once), padded with filler micro-batches (``[None]``) to the count
+    of the busiest rank."""
+    return plan_step(rollouts, [r.sample.input_ids.numel() for r in rollouts], max_tokens, None,
+                     groups=[r.group for r in rollouts])
+
+
+def pack_rollouts(ctx: StageContext, micro: list) -> PackedBatch:
+    """One micro-batch packed on the host, pinned for an asynchronous copy; a filler (``[None]``) is the
+    3-token sequence with the smallest image."""
+    samples = [r.sample for r in micro] if micro[0] is not None else [dummy_image_sample(ctx.model_config)]
+    return pack(samples, ctx.model_config.vision_config).pin_memory()
 
 
 def split_raw(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -138,6 +153,49 @@ def grpo_head(grpo, targets, old, adv, mask, ref, seq_ids, norm_len, num_seqs: i
     return head
 
 
+@dataclass
+class _UpdateInputs:
+    """A micro-batch of the update on the host: packed (and pinned) with its per-token inputs."""
+
+    batch: PackedBatch
+    old: torch.Tensor | None = None  # [N] old-policy log-probs (None: on-policy, or a filler)
+    adv: torch.Tensor | None = None  # [N] each token its response's advantage
+    ref: torch.Tensor | None = None  # [N] reference log-probs (with a KL term)
+
+
+def _update_inputs(ctx: StageContext, micro: list, with_ref: bool) -> _UpdateInputs:
+    """Host work of one update micro-batch, done on the prefetch worker while the previous one computes."""
+    batch = pack_rollouts(ctx, micro)
+    if micro[0] is None:
+        return _UpdateInputs(batch)
+
+    def pinned(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory() if torch.cuda.is_available() else t
+
+    old = None if micro[0].old_logprobs is None else pinned(torch.cat([r.old_logprobs for r in micro]))
+    adv = pinned(torch.cat([torch.full((r.response_len,), r.advantage) for r in micro]))
+    ref = pinned(torch.cat([r.ref_logprobs for r in micro])) if with_ref else None
+    return _UpdateInputs(batch, old, adv, ref)
+
+
+def zero_loss_head(hidden: torch.Tensor, weight: torch.Tensor):
+    """Head of a filler micro-batch (no loss tokens: ``hidden`` is [0, H]): a zero loss that still
+    depends on every parameter the forward used, so its backward joins the same gradient collectives as
+    the other ranks' real micro-batches; zero statistics."""
+    zero = hidden.sum() * 0.0 + weight.sum() * 0.0
+    return zero, {name: zero.detach() for name in ("clip_frac", "kl", "entropy", "ratio_mean", "ratio_min",
+                                                    "ratio_max")}
+
+
+def _fill_on_policy_logprobs(order: list[Rollout], lp_parts: list, raw_parts: list) -> None:
+    """The update's own (detached) log-probs into the rollouts, with one device→host copy each."""
+    lengths = [r.response_len for r in order]
+    for r, logprobs in zip(order, torch.split(torch.cat(lp_parts).cpu(), lengths) if lp_parts else []):
+        r.old_logprobs = logprobs
+    for r, logprobs in zip(order, torch.split(torch.cat(raw_parts).cpu(), lengths) if raw_parts else []):
+        r.raw_logprobs = logprobs
+
+
 def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, *, with_ref: bool,
            on_policy: bool = False, with_raw: bool = False) -> dict[str, float]:
     """One optimizer step on a mini-batch of rollouts: clipped GRPO loss (+ KL) normalised over the whole
@@ -147,50 +205,49 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, *, with_ref: 
     False when the loss or gradient norm was NaN/inf on some rank, and the step was not applied."""
     grpo = ctx.cfg.grpo
     totals = dist.reduce_sums({"tokens": sum(r.response_len for r in rollouts), "seqs": len(rollouts)})
-    filler = dummy_image_sample(ctx.model_config)
-    micro, n_real = plan_step(list(range(len(rollouts))), [r.sample.input_ids.numel() for r in rollouts],
-                              grpo.max_tokens_per_microbatch, -1)
-    sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "ratio_mean": 0.0}
-    for i, mb in enumerate(micro):
-        real = [rollouts[k] for k in mb if k >= 0]
-        batch = pack([r.sample for r in real] or [filler], ctx.model_config.vision_config).to(ctx.device)
-        index = batch.loss_mask.nonzero().squeeze(-1)  # [N] the response tokens of the packed batch
-        targets = batch.targets[index]
-        n_tok = targets.numel()
+    micro, n_real = plan_rollouts(ctx, rollouts, grpo.max_tokens_per_microbatch)
+    # loss, then the token sums of clip_frac, kl, entropy, ratio_mean: on the device, read once at the end
+    acc = torch.zeros(5, dtype=torch.float64, device=ctx.device)
+    lp_parts, raw_parts = [], []
+    for i, host in enumerate(prefetched(lambda mb: _update_inputs(ctx, mb, with_ref), micro)):
+        batch = host.batch.to(ctx.device, non_blocking=True)
+        index = batch.loss_index  # [N] the response tokens of the packed batch
+        targets = batch.targets.index_select(0, index)
+        n_tok = batch.num_loss_tokens
+        if i >= n_real:  # a filler: zero loss, same collectives as the other ranks (it has no tokens)
+            with ctx.autocast():
+                ctx.policy(batch, zero_loss_head, index)[0].backward()
+            continue
         lp_out = torch.empty(n_tok, device=ctx.device) if on_policy else None
         raw_out = torch.empty(n_tok, device=ctx.device) if on_policy and with_raw else None
-        if real:
-            old = None if on_policy else torch.cat([r.old_logprobs for r in real]).to(ctx.device)
-            adv = torch.cat([torch.full((r.response_len,), r.advantage) for r in real]).to(ctx.device)
-            ref = torch.cat([r.ref_logprobs for r in real]).to(ctx.device) if with_ref else None
-        else:  # the zero-loss filler: same collectives as the other ranks, no gradient
-            old = adv = torch.zeros(n_tok, device=ctx.device)
-            ref = torch.zeros(n_tok, device=ctx.device) if with_ref else None
+        old, adv, ref = (None if t is None else t.to(ctx.device, non_blocking=True)
+                         for t in (None if on_policy else host.old, host.adv, host.ref))
         mask = torch.ones(n_tok, dtype=torch.bool, device=ctx.device)
         # the aggregation's denominators are those of the whole mini-batch on all ranks; FSDP2 averages
-        # gradients over ranks, so `world` undoes that; a repeated (padding) micro-batch counts 0
-        scale = ctx.world * (0.0 if i >= n_real else 1.0)
+        # gradients over ranks, so `world` undoes that
+        scale = float(ctx.world)
         norm_len = None
         if grpo.agg == "token_mean":
             scale *= n_tok / max(totals["tokens"], 1.0)
         elif grpo.agg == "seq_mean_token_sum_norm":
             norm_len = grpo.max_response_length * totals["seqs"]
-        head = grpo_head(grpo, targets, old, adv, mask, ref, batch.seq_ids[index], norm_len,
+        head = grpo_head(grpo, targets, old, adv, mask, ref, batch.seq_ids.index_select(0, index), norm_len,
                          int(totals["seqs"]), ctx.kernels_impl, lp_out, raw_out)
         with ctx.autocast():
             loss, stats = ctx.policy(batch, head, index)
         (loss * scale).backward()
-        if on_policy and real:
-            lengths = [r.response_len for r in real]
-            for r, logprobs in zip(real, torch.split(lp_out.cpu(), lengths)):
-                r.old_logprobs = logprobs
+        if on_policy:
+            lp_parts.append(lp_out)
             if raw_out is not None:
-                for r, logprobs in zip(real, torch.split(raw_out.cpu(), lengths)):
-                    r.raw_logprobs = logprobs
-        if i < n_real:
-            sums["loss"] += float(loss.detach()) * scale / ctx.world
-            for name in ("clip_frac", "kl", "entropy", "ratio_mean"):
-                sums[name] += float(stats[name]) * n_tok  # token-weighted: divided by all tokens below
+                raw_parts.append(raw_out)
+        # token-weighted statistics: divided by all tokens below
+        acc += torch.stack([loss.detach().double() * (scale / ctx.world)]
+                           + [stats[name].detach().double() * n_tok
+                              for name in ("clip_frac", "kl", "entropy", "ratio_mean")])
+    if on_policy:
+        _fill_on_policy_logprobs([r for mb in micro[:n_real] for r in mb], lp_parts, raw_parts)
+    values = acc.cpu().tolist()  # the update's one device→host read
+    sums = dict(zip(("loss", "clip_frac", "kl", "entropy", "ratio_mean"), values))
     grad_norm = clip_grad_norm(ctx.policy, ctx.cfg.optim.grad_clip)
     lr = sched.get_last_lr()[0]
     finite = all_finite(sums["loss"], grad_norm)  # agreed by all ranks; a non-finite update changes nothing
@@ -200,7 +257,7 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, *, with_ref: 
     opt.zero_grad(set_to_none=True)
     sums = dist.reduce_sums(sums)
     return {"train/loss": sums.pop("loss"),
-            **{f"actor/{name}": v / totals["tokens"] for name, v in sums.items()},
+            **{f"actor/{name}": v / max(totals["tokens"], 1.0) for name, v in sums.items()},
             "train/grad_norm": grad_norm, "train/lr": lr, "finite": finite}
 
 
@@ -228,6 +285,19 @@ class Scored:
     rollouts: list[Rollout]  # the completions of the groups kept by dynamic sampling
     finite: bool  # rewards and advantages finite on every rank; if not, `rollouts` is empty
     health: dict[str, float] = field(default_factory=dict)  # reward/errors, /timeouts, /non_finite
+    # this rank's share of each mini-batch after balancing tokens over ranks (None: cut `rollouts` here)
+    minibatches: list[list[Rollout]] | None = None
+
+
+def balance(ctx: StageContext, scored: Scored, timer: Timer) -> dict[str, float]:
+    """Move whole groups between ranks so that each mini-batch's tokens are even over ranks (after the
+    advantages: they travel with the rollouts); ``scored.rollouts`` becomes this rank's new share."""
+    grpo = ctx.cfg.grpo
+    with timer("time/balance"):
+        scored.minibatches, metrics = balance_minibatches(
+            scored.rollouts, grpo.rollout_batch_size // grpo.mini_batch_size, ctx.rank, ctx.world)
+    scored.rollouts = [r for part in scored.minibatches for r in part]
+    return metrics
 
 
 def generate(ctx: StageContext, prompts: list, step: int, timer: Timer) -> Generated:
@@ -322,9 +392,10 @@ def train(ctx: StageContext, scored: Scored, opt, sched, plan: StepPlan, guard: 
     with timer("time/train"):
         if not scored.finite:
             return stats
+        minibatches = scored.minibatches or [[rollouts[k] for k in span]
+                                             for span in split_groups([r.group for r in rollouts], n_mini)]
         for _ in range(grpo.epochs):
-            for m in range(n_mini):
-                part = rollouts[m * len(rollouts) // n_mini:(m + 1) * len(rollouts) // n_mini]
+            for part in minibatches:
                 stats = update(ctx, part, opt, sched, with_ref=plan.with_ref, on_policy=plan.on_policy,
                                with_raw=plan.with_raw)
                 if not stats.pop("finite"):
@@ -391,6 +462,7 @@ def run_grpo(ctx: StageContext) -> None:
         generated = generate(ctx, prompts, step, timer)
         with timer("time/reward"):
             scored = score(ctx, prompts, generated.completions, guard, step)
+        balance_stats = balance(ctx, scored, timer)
         fill_logprobs(ctx, scored.rollouts, ref_policy, plan, timer)
         train_stats = train(ctx, scored, opt, sched, plan, guard, step, timer)
         # the next step's sync pushes the new weights to the engine
@@ -399,7 +471,7 @@ def run_grpo(ctx: StageContext) -> None:
         dt = time.perf_counter() - t0
         row = {**rollout_metrics(ctx, generated, scored, len(prompts)), **train_stats,
                "train/skipped_steps": guard.skipped, **scored.health, **skips.metrics(), **timer.times,
-               **generated.engine_memory, "perf/tokens_per_s": tokens / dt, "time/step": dt,
+               **generated.engine_memory, **balance_stats, "perf/tokens_per_s": tokens / dt, "time/step": dt,
                "mem/peak_gb": peak_memory_gb(ctx.device)}
         if step % grpo.log_every == 0 or last:
             ctx.metrics.log("grpo", step, row)

@@ -69,7 +69,9 @@ class Policy(nn.Module):
     def forward(self, batch: PackedBatch, head_fn: Callable, index: torch.Tensor | None = None):
         hidden = forward_hidden(self.model, batch)  # [L, H]
         if index is None:
-            index = batch.loss_mask.nonzero().squeeze(-1)
+            index = batch.loss_index
+            if index is None:
+                index = batch.loss_mask.nonzero().squeeze(-1)
         hidden, weight = hidden.index_select(0, index), self.model.lm_head.weight  # [N, H], [V, H]
         if torch.is_autocast_enabled(hidden.device.type):
             # autocast keeps the residual stream (so the final norm's output) and the master weight in

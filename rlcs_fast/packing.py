@@ -15,7 +15,6 @@ mrope positions are computed per sample before packing (``mrope_positions``): tr
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -42,8 +41,8 @@ class PackedBatch:
     position_ids: Tensor  # [4, 1, L]: row 0 text positions restarting at 0 per sequence; rows 1-3 mrope
     cu_seqlens: Tensor  # [S+1] int32
     max_seqlen: int
-    pixel_values: Tensor | None  # [ΣP, 1176], in sequence order
-    image_grid_thw: Tensor | None  # [ΣI, 3]; kept on the host by `to` (only read there, see `to`)
+    pixel_values: Tensor | None  # [ΣP, 1176]: each distinct image once, in order of first use
+    image_grid_thw: Tensor | None  # [ΣI, 3] of those; kept on the host by `to` (only read there, see `to`)
     targets: Tensor  # [L] int64: next token (input_ids rolled by -1)
     loss_mask: Tensor  # [L] bool: hidden position i predicts a target token of its own sequence
     seq_ids: Tensor  # [L] int64: sequence index 0..S-1 of each token
@@ -52,6 +51,10 @@ class PackedBatch:
     # Precomputed inputs of the vision tower (`image_cu_seqlens`, `image_window_index`, ...), passed to
     # the model as kwargs; empty when pack() had no vision config (the tower then computes them).
     vision_kwargs: dict[str, Any] = field(default_factory=dict)
+    loss_index: Tensor | None = None  # [N] int64 positions of loss_mask, made on the host (no nonzero sync)
+    # [M] int64: for each <|image_pad|> token in sequence order, its row of the tower's merged output;
+    # None when every sequence has images of its own (the rows are then in order)
+    image_embed_index: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -71,6 +74,20 @@ class PackedBatch:
         moved = {f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "image_grid_thw"}
         moved["vision_kwargs"] = {k: move(v) for k, v in self.vision_kwargs.items()}
         return replace(self, **moved)
+
+    def pin_memory(self) -> PackedBatch:
+        """A copy in page-locked host memory, so that ``to(cuda, non_blocking=True)`` is a true
+        asynchronous copy (from pageable memory the driver stages it and the host waits). A no-op
+        without CUDA."""
+        if not torch.cuda.is_available():
+            return self
+
+        def pin(x: Any) -> Any:
+            return x.pin_memory() if isinstance(x, Tensor) else x
+
+        pinned = {f.name: pin(getattr(self, f.name)) for f in fields(self) if f.name != "image_grid_thw"}
+        pinned["vision_kwargs"] = {k: pin(v) for k, v in self.vision_kwargs.items()}
+        return replace(self, **pinned)
 
 
 def patch_dim(vision_config: Any) -> int:
@@ -171,7 +188,12 @@ def vision_kwargs(vision_config: Any, image_grid_thw: Tensor) -> dict[str, Any]:
 
 def pack(samples: list[Sample], vision_config: Any | None = None) -> PackedBatch:
     """Concatenate ``samples`` into one padding-free row. Pass the model's ``config.vision_config``
-    to precompute the vision tower's metadata here (no host syncs in the forward)."""
+    to precompute the vision tower's metadata here (no host syncs in the forward).
+
+    Samples that share an image (the same ``pixel_values`` tensor object: a prompt's ``grpo.n``
+    responses) carry its pixels once, given the vision config: the tower then runs once on it and its
+    output is scattered to every sequence that uses it (``image_embed_index``), and autograd sums the
+    gradients. Without the vision config each sample keeps its own copy."""
     if not samples:
         raise ValueError("pack() needs at least one sample")
     for i, s in enumerate(samples):
@@ -210,10 +232,9 @@ def pack(samples: list[Sample], vision_config: Any | None = None) -> PackedBatch
     loss_mask = torch.roll(target_mask, -1) & ~is_last
 
     with_images = [s for s in samples if s.pixel_values is not None]
-    pixel_values = torch.cat([s.pixel_values for s in with_images]) if with_images else None
-    image_grid_thw = (
-        torch.cat([s.image_grid_thw.long().reshape(-1, 3) for s in with_images]) if with_images else None
-    )
+    images, image_embed_index = _distinct_images(with_images, vision_config)
+    pixel_values = torch.cat([s.pixel_values for s in images]) if images else None
+    image_grid_thw = torch.cat([s.image_grid_thw.long().reshape(-1, 3) for s in images]) if images else None
     vkw = (
         vision_kwargs(vision_config, image_grid_thw) if (image_grid_thw is not None and vision_config) else {}
     )
@@ -230,49 +251,40 @@ def pack(samples: list[Sample], vision_config: Any | None = None) -> PackedBatch
         seq_lens=seq_lens,
         num_loss_tokens=int(loss_mask.sum()),
         vision_kwargs=vkw,
+        loss_index=loss_mask.nonzero().squeeze(-1),
+        image_embed_index=image_embed_index,
     )
+
+
+def _distinct_images(with_images: list[Sample],
+                     vision_config: Any | None) -> tuple[list[Sample], Tensor | None]:
+    """(one sample per distinct image set, in order of first use; the merged-token row of each image
+    token in sequence order, or None when no set repeats)."""
+    if vision_config is None:
+        return with_images, None
+    slot: dict[int, int] = {}  # id(pixel tensor) → index in `distinct`
+    distinct: list[Sample] = []
+    uses = []
+    for s in with_images:
+        key = id(s.pixel_values)
+        if key not in slot:
+            slot[key] = len(distinct)
+            distinct.append(s)
+        uses.append(slot[key])
+    if len(distinct) == len(with_images):
+        return with_images, None
+    merge2 = vision_config.spatial_merge_size ** 2
+    tokens = [int(s.image_grid_thw.long().prod(-1).sum()) // merge2 for s in distinct]
+    starts = [0]
+    for t in tokens[:-1]:
+        starts.append(starts[-1] + t)
+    return distinct, torch.cat([torch.arange(starts[d], starts[d] + tokens[d]) for d in uses])
 
 
 def unpack(values: Tensor, batch: PackedBatch) -> list[Tensor]:
     """Split per-token ``values`` [L, ...] of a packed batch back into one tensor per sequence."""
     assert values.shape[0] == batch.num_tokens, f"values {tuple(values.shape)} vs {batch.num_tokens} tokens"
     return list(torch.split(values, batch.seq_lens))
-
-
-_warned_oversized = False
-
-
-def plan_microbatches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """One rank's samples (their token ``lengths``) in micro-batches of at most ``max_tokens`` tokens →
-    ``plan[micro]`` = sample indices: first-fit-decreasing bins, longest first. A sample longer than the
-    budget gets a micro-batch of its own (warned once). Deterministic: ties go to the lower index. Lining
-    the count up over ranks is `trainer_utils.plan_step`'s job."""
-    global _warned_oversized
-    if max_tokens <= 0:
-        raise ValueError(f"max_tokens ({max_tokens}) must be positive")
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        if lengths[i] > max_tokens:
-            if not _warned_oversized:
-                warnings.warn(
-                    f"a sample of {lengths[i]} tokens exceeds max_tokens_per_microbatch={max_tokens}; "
-                    "it runs as a micro-batch of its own",
-                    stacklevel=2,
-                )
-                _warned_oversized = True
-            bins.append([i])
-            room.append(0)
-            continue
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(max_tokens - lengths[i])
-    return bins
 
 
 def forward_hidden(model: nn.Module, batch: PackedBatch, *, touch_vision: bool | None = None) -> Tensor:
@@ -318,18 +330,13 @@ def forward_hidden(model: nn.Module, batch: PackedBatch, *, touch_vision: bool |
         "max_length_q": batch.max_seqlen,
         "max_length_k": batch.max_seqlen,
     }
+    inputs: dict[str, Any] = {"input_ids": batch.input_ids}
     if batch.pixel_values is not None:
-        vkw = batch.vision_kwargs
-        if not vkw:  # pack() had no vision config: compute on the host, move once
-            vkw = {
-                k: v.to(batch.pixel_values.device) if isinstance(v, Tensor) else v
-                for k, v in vision_kwargs(inner.config.vision_config, batch.image_grid_thw).items()
-            }
-        kwargs.update(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw.cpu(), **vkw)
+        inputs = {"inputs_embeds": _embed_with_images(inner, batch)}
     out = inner(
-        input_ids=batch.input_ids,
+        **inputs,
         position_ids=batch.position_ids,
-        attention_mask=None,
+        attention_mask=_no_mask(inner),
         use_cache=False,
         **kwargs,
     )
@@ -337,6 +344,36 @@ def forward_hidden(model: nn.Module, batch: PackedBatch, *, touch_vision: bool |
     if dummy_vision is not None:
         hidden = hidden + 0.0 * dummy_vision
     return hidden
+
+
+def _no_mask(inner: nn.Module) -> dict[str, None] | None:
+    """No attention mask. With the packed backend, as the precomputed per-layer-type mapping: the
+    backend takes ``cu_seq_lens`` and never reads a mask, and transformers' mask builder would read the
+    positions back from the device to look for packing (a host sync per forward)."""
+    from .attention import ATTENTION_NAME
+
+    if inner.language_model.config._attn_implementation != ATTENTION_NAME:
+        return None  # sdpa/eager: transformers builds the block-diagonal mask from the positions
+    return {"full_attention": None, "sliding_attention": None}
+
+
+def _embed_with_images(inner: nn.Module, batch: PackedBatch) -> Tensor:
+    """Token embeddings [1, L, H] with the vision tower's output at the image tokens: the tower runs
+    once per distinct image of the batch, and ``image_embed_index`` copies an image's rows to every
+    sequence that uses it (the same masked scatter as transformers' own forward)."""
+    vkw = batch.vision_kwargs
+    if not vkw:  # pack() had no vision config: compute on the host, move once
+        vkw = {
+            k: v.to(batch.pixel_values.device) if isinstance(v, Tensor) else v
+            for k, v in vision_kwargs(inner.config.vision_config, batch.image_grid_thw).items()
+        }
+    features = inner.get_image_features(batch.pixel_values, batch.image_grid_thw, return_dict=True, **vkw)
+    image_embeds = torch.cat(list(features.pooler_output))  # [distinct image tokens, H]
+    if batch.image_embed_index is not None:
+        image_embeds = image_embeds.index_select(0, batch.image_embed_index)  # backward: index_add
+    embeds = inner.get_input_embeddings()(batch.input_ids)  # [1, L, H]
+    image_mask = (batch.input_ids == inner.config.image_token_id)[..., None]
+    return embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
 
 
 def _dummy_vision_output(visual: nn.Module, device: torch.device) -> Tensor:

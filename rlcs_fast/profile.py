@@ -3,6 +3,7 @@ vLLM is installed), from random weights built with the released architectures; a
 
     python -m rlcs_fast.profile --model 3b|7b|tiny [--layers K] [--tokens N] [--gpus 1] [--out FILE]
     python -m rlcs_fast.profile --plan --model 7b --gpus 8 --gpu-mem 80
+    python -m rlcs_fast.profile --overhead --model 7b   (``rlcs_fast.overhead``: FLOPs, bytes, syncs)
 
 A step is what the SFT stage runs (``rlcs_fast.sft``): one packed micro-batch of ``--tokens`` tokens
 (sequences of ``--seq-len`` tokens, each with one image of ``--image-tokens`` merged tokens, the rest of the
@@ -606,6 +607,11 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--overhead" in argv:  # the CPU count of a GRPO step's waste, before and after (issue 22)
+        from .overhead import main as overhead_main
+
+        return overhead_main(argv)
     args = parse_args(argv)
     if args.plan:
         report = memory_budget(args.model, gpus=args.gpus, gpu_mem=args.gpu_mem, tokens=args.tokens,

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .overhead import OverheadCounter
 from .profile import REPO, _build, environment, released_config, sync
 
 
@@ -216,6 +217,9 @@ def profile_grpo(
     times = {names[k]: v for k, v in timer.times.items() if k in names}
     peaks = {names[k]: v for k, v in timer.peaks.items() if k in names}
     completions, rollouts = generated.completions, scored.rollouts
+    # issue 22's figures on the device: one more, untimed, update under the counter
+    with OverheadCounter(policy, opt) as counter:
+        phases.update(ctx, rollouts, opt, sched, with_ref=False, on_policy=True)
     generated = sum(len(c.response_ids) for c in completions)
     trained = sum(r.sample.input_ids.numel() for r in rollouts)
     step_s = sum(t for k, t in times.items() if k != "old_logprobs_forward")
@@ -236,6 +240,7 @@ def profile_grpo(
         "decoder_layers": config.text_config.num_hidden_layers,
         "attention": backend,
         "train_stats": stats,
+        "overhead": counter.figures(rollouts),
     }
 
 

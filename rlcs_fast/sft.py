@@ -16,11 +16,13 @@ import torch
 
 from . import dist
 from .checkpointer import Checkpointer
-from .data import Encoder, SkipCounter, encode_many, rank_share, read_row
+from .data import Encoder, SkipCounter, encode_many, read_row
 from .kernels import fused_linear_logprob
 from .packing import pack
+from .prefetch import prefetched, prefetched_steps
+from .schedule import plan_step, rank_share
 from .stage import StageContext
-from .trainer_utils import clip_grad_norm, dummy_image_sample, peak_memory_gb, plan_step
+from .trainer_utils import clip_grad_norm, dummy_image_sample, peak_memory_gb
 from .validation import Validator
 
 log = logging.getLogger("rlcs_fast")
@@ -40,22 +42,23 @@ def run_step(ctx: StageContext, samples: list, max_tokens: int) -> dict[str, flo
     """Forward/backward over this rank's samples; returns the global NLL sum and token counts."""
     filler = dummy_image_sample(ctx.model_config)
     micro, n_real = plan_step(samples, [s.input_ids.numel() for s in samples], max_tokens, filler)
-    counts = dist.reduce_sums({"loss_tokens": sum(int(s.target_mask.sum()) for s in samples),
+    counts = dist.reduce_sums({"loss_tokens": sum(int(s.target_mask.sum()) for s in samples),  # host
                                "tokens": sum(s.input_ids.numel() for s in samples)})
     loss_tokens = counts["loss_tokens"]
-    nll = torch.zeros((), dtype=torch.float64)
-    for i, mb in enumerate(micro):
-        batch = pack(mb, ctx.model_config.vision_config).to(ctx.device)
+    nll = torch.zeros((), dtype=torch.float64, device=ctx.device)  # read once, after the loop
+    packed = prefetched(lambda mb: pack(mb, ctx.model_config.vision_config).pin_memory(), micro)
+    for i, host in enumerate(packed):
+        batch = host.to(ctx.device, non_blocking=True)
         weight = 1.0 if i < n_real else 0.0
         # FSDP2 averages gradients over ranks; the loss is a global sum, so undo the average
         scale = weight * ctx.world / max(loss_tokens, 1.0)
-        targets = batch.targets[batch.loss_mask]
+        targets = batch.targets.index_select(0, batch.loss_index)
         with ctx.autocast():
             loss = ctx.policy(batch, sft_loss_fn(targets, scale, ctx.kernels_impl))
         loss.backward()
         if weight:
-            nll += loss.detach().double().cpu() * loss_tokens / ctx.world
-    return {"nll_sum": dist.reduce_sums({"nll": float(nll)})["nll"], **counts}
+            nll += loss.detach().double() * (loss_tokens / ctx.world)
+    return {"nll_sum": dist.reduce_sums({"nll": float(nll.cpu())})["nll"], **counts}
 
 
 @torch.no_grad()
@@ -97,11 +100,15 @@ def run_sft(ctx: StageContext) -> None:
     log.info("sft: %d steps of %d sequences (%d train rows, %d val rows), lr %.3g, from step %d",
              total_steps, sft.global_batch_size, len(train_table), len(val_table), ctx.lr, start)
     ctx.metrics.start_bar("sft", total_steps, start)
-    for step in range(start + 1, total_steps + 1):
+    # step k+1's rows are decoded, resized and processed on a worker while step k trains
+    def load(step: int, recorder) -> list:
+        return ctx.step_batch(train_table, step, sft.global_batch_size, lambda row, i: encoder.sft(row),
+                              recorder)
+
+    batches = prefetched_steps(load, range(start + 1, total_steps + 1), skips)
+    for step, samples in batches:
         last = step == total_steps
         t0 = time.perf_counter()
-        samples = ctx.step_batch(train_table, step, sft.global_batch_size, lambda row,
-                                 i: encoder.sft(row), skips)
         out = run_step(ctx, samples, sft.max_tokens_per_microbatch)
         grad_norm = clip_grad_norm(ctx.policy, cfg.optim.grad_clip)
         lr = sched.get_last_lr()[0]

@@ -23,7 +23,6 @@ from .data import (
     global_indices,
     lazy_images,
     load_table,
-    rank_share,
     read_row,
 )
 from .faults import BadStepGuard, Preemption
@@ -38,6 +37,7 @@ from .model import (
 )
 from .rollout.build import SharedEngine, banned_token_ids
 from .rollout.engine import RolloutEngine
+from .schedule import rank_share
 from .trainer_utils import build_optimizer, iter_full_weights, release_cached_memory
 
 log = logging.getLogger("rlcs_fast")

@@ -1,5 +1,5 @@
-"""Pieces both stages share: the optimizer and schedule, micro-batch planning that lines up across ranks,
-gradient clipping, and the weight stream to the rollout engine."""
+"""Pieces both stages share: the optimizer and schedule, the filler sample, gradient clipping, and the
+weight stream to the rollout engine. Micro-batch planning is :mod:`rlcs_fast.schedule`'s."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from . import dist
 from .config import OptimConfig
-from .packing import Sample, mrope_positions, plan_microbatches, smallest_image
+from .packing import Sample, mrope_positions, smallest_image
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, *, lr: float, total_steps: int):
@@ -49,19 +48,6 @@ def dummy_image_sample(model_config) -> Sample:
     return Sample(input_ids=ids, target_mask=torch.zeros(3, dtype=torch.bool),
                   position_ids=mrope_positions(model_config, ids, grid), pixel_values=pixels,
                   image_grid_thw=grid)
-
-
-def plan_step(samples: list, lengths: list[int], max_tokens: int, filler) -> tuple[list[list], int]:
-    """This rank's micro-batches by token budget, padded to the same count on every rank (collectives
-    must line up): a rank with fewer repeats its first micro-batch, which the loop runs with weight 0.
-    A rank left with no usable sample runs `filler` (a zero-loss item). Returns (micro-batches, number of
-    real ones)."""
-    plan = plan_microbatches(lengths, max_tokens) if samples else []
-    micro = [[samples[i] for i in mb] for mb in plan if mb]
-    count = int(dist.all_reduce(torch.tensor([len(micro)]), "max").item())
-    if not micro:
-        return [[filler]] * count, 0
-    return micro + [micro[0]] * (count - len(micro)), len(micro)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:

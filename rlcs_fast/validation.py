@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from . import dist
-from .data import SkipCounter, encode_many, rank_share, read_row
+from .data import SkipCounter, encode_many, read_row
 from .rollout.engine import Completion, SamplingParams
+from .schedule import rank_share
 
 log = logging.getLogger("rlcs_fast")
 

@@ -78,7 +78,8 @@ def two_procs(tmp_path_factory) -> Path:
 
 
 def test_data_order_does_not_depend_on_world_size():
-    from rlcs_fast.data import global_indices, rank_share
+    from rlcs_fast.data import global_indices
+    from rlcs_fast.schedule import rank_share
 
     for step in range(3):
         batch = global_indices(48, step * 12, 12, seed=0)

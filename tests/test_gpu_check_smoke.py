@@ -68,6 +68,10 @@ def test_smoke_mode_runs_every_step(tmp_path):
     assert set(grpo["time_s"]) == {"sync", "rollout", "reward", "old_logprobs_forward", "train"}
     assert grpo["generated_tokens"] > 0 and grpo["saved_by_on_policy_s"] > 0
     assert grpo["train_stats"]["actor/ratio_mean"] == 1.0
+    # issue 22's figures of one more update: the tower once per image, stats read once per update
+    o = grpo["overhead"]
+    assert o["h2d_bytes_per_update"] >= 0 and o["host_syncs_per_update"] <= 16
+    assert 0 < o["tower_patches_with_grad_per_response"]
     md = (tmp_path / "gpu_check.md").read_text()
     assert env_["versions"]["torch"] in md and all(f"| {s.name} | ok |" in md for s in gc.STEPS)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from rlcs_fast import packing
+from rlcs_fast import schedule
 from rlcs_fast.attention import apply_attention
 from rlcs_fast.packing import (
     PackedBatch,
@@ -19,9 +19,9 @@ from rlcs_fast.packing import (
     forward_hidden,
     mrope_positions,
     pack,
-    plan_microbatches,
     unpack,
 )
+from rlcs_fast.schedule import plan_microbatches
 from rlcs_fast.tiny import SPECIAL_IDS, tiny_config
 
 IMAGE, V_START, V_END = (SPECIAL_IDS[t] for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
@@ -221,7 +221,7 @@ def test_plan_microbatches_properties(seed: int) -> None:
 
 
 def test_plan_microbatches_warns_once_for_oversized(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(packing, "_warned_oversized", False)
+    monkeypatch.setattr(schedule, "_warned_oversized", False)
     with pytest.warns(UserWarning, match="exceeds max_tokens"):
         plan = plan_microbatches([50, 300, 20, 400], 100)
     assert [300] in [[sum([50, 300, 20, 400][i] for i in m)] for m in plan]

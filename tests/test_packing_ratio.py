@@ -2,7 +2,7 @@
 
 The numbers come from ``bench/packing_ratio.py`` (which also writes ``bench/results/packing_ratio_cpu.json``),
 so the test and the published result count the same way: packed = the micro-batches of
-``rlcs_fast.trainer_utils.plan_step``; padded = the same sequences cut into micro-batches of a fixed size,
+``rlcs_fast.schedule.plan_step``; padded = the same sequences cut into micro-batches of a fixed size,
 each padded to its longest. The comparison that matters is "matched": as many micro-batches (forward
 passes) as packing uses.
 """
@@ -37,11 +37,11 @@ def test_padded_positions_pad_each_micro_batch_to_its_longest(bench):
     assert bench.padded_positions(lengths, 5) == 5 * 7
 
 
-def test_packed_step_counts_tokens_and_the_repeats_that_even_out_ranks(bench):
-    # rank 0 needs two micro-batches under a budget of 10, rank 1 one: rank 1 runs its only one twice
+def test_packed_step_counts_tokens_and_the_fillers_that_even_out_ranks(bench):
+    # rank 0 needs two micro-batches under a budget of 10, rank 1 one: rank 1 pads with a 3-token filler
     positions, count = bench.packed_step([[6, 6, 3], [4, 2]], max_tokens=10)
     assert count == 2
-    assert positions == (6 + 6 + 3) + (4 + 2) * 2
+    assert positions == (6 + 6 + 3) + (4 + 2) + 3
 
 
 def test_tiny_sft_epoch_packs_without_padding(bench):

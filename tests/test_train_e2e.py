@@ -157,7 +157,8 @@ def test_grpo_rows_have_every_design_metric(tmp_path):
               "--grpo.val_before_train", "true")
     need = ["train/loss", "train/grad_norm", "train/lr", "reward/overall", "reward/accuracy", "reward/format",
             "actor/kl", "actor/clip_frac", "actor/entropy", "response/length", "perf/tokens_per_s",
-            "time/rollout", "time/ref", "time/train", "time/sync", "mem/peak_gb", "data/skipped"]
+            "time/rollout", "time/ref", "time/train", "time/sync", "mem/peak_gb", "data/skipped",
+            "perf/rank_imbalance"]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     step_rows = [r for r in lines if r["stage"] == "grpo" and "train/loss" in r]
     assert step_rows and all(k in step_rows[0] for k in need), sorted(step_rows[0])
