@@ -234,19 +234,32 @@ def _fingerprint() -> str:
     return h.hexdigest()[:10]
 
 
-def tiny_path(*, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
-    """The tiny model's directory for ``seed``, built on first use into ``cache_dir`` (default
+def tiny_path(*, seed: int = 0, cache_dir: str | Path | None = None, name: str = "tiny") -> Path:
+    """The tiny model ``name`` (``"tiny"``: Qwen2.5-VL; ``"tiny-qwen3-vl"``: Qwen3-VL, built by its family
+    module) for ``seed``, built on first use into ``cache_dir`` (default
     ``$RLCS_CACHE``, else ``~/.cache/rlcs_fast``). Safe when several processes (torchrun ranks) race:
     each builds in a private temporary directory and renames it into place; renaming is atomic, so the
     final directory, when it exists, is complete, and a loser of the race drops its copy."""
+    from .families import family_by_tiny_name
+
+    family = family_by_tiny_name(name)
+    if family is None:
+        raise ValueError(f"no tiny model named {name!r}")
     root = Path(cache_dir or os.environ.get("RLCS_CACHE") or Path.home() / ".cache" / "rlcs_fast")
-    final = root / f"tiny-v{TINY_VERSION}.{_fingerprint()}-s{seed}"
+    if name == "tiny":
+        final = root / f"tiny-v{TINY_VERSION}.{_fingerprint()}-s{seed}"
+    else:  # the other families' tiny models: their own parts, the shared tokenizer corpus
+        h = hashlib.sha256()
+        for part in (str(TINY_VERSION), *family.tiny_fingerprint_parts()):
+            h.update(part.encode())
+        h.update(CORPUS_PATH.read_bytes())
+        final = root / f"{name}-v{TINY_VERSION}.{h.hexdigest()[:10]}-s{seed}"
     if final.is_dir():
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        build_tiny(tmp, seed=seed)
+        family.build_tiny(tmp, seed=seed)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory once published
         try:
             os.rename(tmp, final)
