@@ -151,6 +151,14 @@ class ModelFamily:
     def tiny_config(self) -> Any:
         raise NotImplementedError
 
+    def build_model(self, *, seed: int = 0) -> nn.Module:
+        """The tiny model with float32 weights drawn from ``seed``; the caller's RNG state untouched."""
+        raise NotImplementedError
+
+    def build_processor(self, tokenizer: Any = None, *, min_pixels: int, max_pixels: int) -> Any:
+        """The family's stock processor around the tiny tokenizer, with the chat template set."""
+        raise NotImplementedError
+
     def build_tiny(self, out_dir: str | Path, *, seed: int = 0) -> Path:
         """Write the offline tiny model as an ordinary HF directory; same seed, same bytes."""
         raise NotImplementedError

@@ -79,6 +79,18 @@ class Qwen25VL(ModelFamily):
 
         return tiny_config()
 
+    def build_model(self, *, seed: int = 0) -> Any:
+        from ..tiny import build_model
+
+        return build_model(seed=seed)
+
+    def build_processor(self, tokenizer: Any = None, *, min_pixels: int | None = None,
+                        max_pixels: int | None = None) -> Any:
+        from ..tiny import MAX_PIXELS, MIN_PIXELS, build_processor
+
+        return build_processor(tokenizer, min_pixels=min_pixels or MIN_PIXELS,
+                               max_pixels=max_pixels or MAX_PIXELS)
+
     def build_tiny(self, out_dir: str | Path, *, seed: int = 0) -> Path:
         from ..tiny import build_tiny
 

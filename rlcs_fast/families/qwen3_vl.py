@@ -201,8 +201,8 @@ class Qwen3VL(ModelFamily):
             tie_word_embeddings=tie_word_embeddings,
         )
 
-    def build_processor(self, tokenizer=None, *, min_pixels: int = TINY_MIN_PIXELS,
-                        max_pixels: int = TINY_MAX_PIXELS):
+    def build_processor(self, tokenizer: Any = None, *, min_pixels: int | None = None,
+                        max_pixels: int | None = None) -> Any:
         """The stock Qwen3-VL processor (Qwen2-VL image processor at patch 16 / merge 2 with the
         released mean/std, the Qwen3-VL video processor) around the tiny tokenizer."""
         from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
@@ -211,9 +211,10 @@ class Qwen3VL(ModelFamily):
 
         tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
         tokenizer.chat_template = CHAT_TEMPLATE
+        size = {"shortest_edge": min_pixels or TINY_MIN_PIXELS, "longest_edge": max_pixels or TINY_MAX_PIXELS}
         image_processor = Qwen2VLImageProcessor(
-            size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=PATCH_SIZE,
-            merge_size=MERGE_SIZE, temporal_patch_size=2, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
+            size=size, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, temporal_patch_size=2,
+            image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
         video_processor = Qwen3VLVideoProcessor(patch_size=PATCH_SIZE, merge_size=MERGE_SIZE,
                                                 image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
         return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
