@@ -74,6 +74,40 @@ CHAT_TEMPLATE = (
 )
 
 
+# The released Qwen/Qwen3-VL-{2B,4B,8B}-Instruct config.json (as published: rope keys in the legacy
+# `rope_scaling`/`rope_theta` form, the vision config's model_type "qwen3_vl"). The planner's and the
+# benchmarks' widths, and the rehearsal's tiny stand-ins take their token ids and geometry from here.
+_TOKEN_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+              "vision_end_token_id": 151653}
+_VISION_SMALL = {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096,
+                 "deepstack_visual_indexes": [5, 11, 17]}
+_VISION_8B = {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304,
+              "deepstack_visual_indexes": [8, 16, 24]}
+
+
+def _released(hidden: int, inter: int, layers: int, heads: int, tied: bool, vision: dict) -> dict:
+    text = {"attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+            "head_dim": 128, "hidden_act": "silu", "hidden_size": hidden, "initializer_range": 0.02,
+            "intermediate_size": inter, "max_position_embeddings": 262144, "model_type": "qwen3_vl_text",
+            "num_attention_heads": heads, "num_hidden_layers": layers, "num_key_value_heads": 8,
+            "rms_norm_eps": 1e-06, "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                                                    "rope_type": "default"},
+            "rope_theta": 5000000, "tie_word_embeddings": tied, "use_cache": True, "vocab_size": 151936}
+    return {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", **_TOKEN_IDS,
+            "tie_word_embeddings": tied, "text_config": text,
+            "vision_config": {**vision, "hidden_act": "gelu_pytorch_tanh", "in_channels": 3,
+                              "initializer_range": 0.02, "model_type": "qwen3_vl", "num_heads": 16,
+                              "num_position_embeddings": 2304, "out_hidden_size": hidden, "patch_size": 16,
+                              "spatial_merge_size": 2, "temporal_patch_size": 2}}
+
+
+RELEASED = {
+    "2b": _released(2048, 6144, 28, 16, True, _VISION_SMALL),
+    "4b": _released(2560, 9728, 36, 32, True, _VISION_SMALL),
+    "8b": _released(4096, 12288, 36, 32, False, _VISION_8B),
+}
+
+
 class Qwen3VL(ModelFamily):
     model_type = "qwen3_vl"
     tiny_name = "tiny-qwen3-vl"
