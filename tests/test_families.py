@@ -162,3 +162,41 @@ def test_family_lookup() -> None:
     assert FAMILIES["qwen2_5_vl"].image_factor(FAMILIES["qwen2_5_vl"].tiny_config().vision_config) == 28
     with pytest.raises(ValueError, match="qwen3_vl_moe.*supported"):
         family_for("qwen3_vl_moe")
+
+
+@pytest.mark.slow
+def test_stand_in_for_released_qwen3_vl_loads_with_the_real_token_ids(tmp_path) -> None:
+    """The rehearsal's stand-in for Qwen/Qwen3-VL-4B-Instruct: the trainer loads it like the real one
+    (family from config.json, processor, token ids), and a prompt with an image tokenizes to the real
+    placeholder ids and runs through the packed forward."""
+    from PIL import Image
+
+    from rlcs_fast.families import build_stand_in
+    from rlcs_fast.families.qwen3_vl import RELEASED
+    from rlcs_fast.model import load_model, load_processor
+
+    hub = RELEASED["4b"]
+    path = str(build_stand_in(hub, tmp_path / "stand_in"))
+    model, _ = load_model(path, attention="auto")
+    processor = load_processor(path, min_pixels=64 * 64, max_pixels=128 * 128)
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    config = model.config
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        assert getattr(config, key) == hub[key]
+    assert config.text_config.vocab_size == 151936 and config.tie_word_embeddings is True
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    tok = processor.tokenizer
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]) == [151643, 151645]
+    content = [{"type": "image"}, {"type": "text", "text": "how many?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert not text.startswith("<|im_start|>system")  # Qwen3-VL's template: no default system turn
+    enc = processor(text=[text], images=[Image.new("RGB", (64, 96), "white")], return_tensors="pt")
+    ids = enc["input_ids"][0]
+    assert int((ids == 151655).sum()) == 2 * 3 and 151652 in ids.tolist()  # 64x96 px: 2x3 tokens of 32 px
+    grid = enc["image_grid_thw"]
+    sample = Sample(ids, torch.ones_like(ids, dtype=torch.bool), mrope_positions(config, ids, grid),
+                    enc["pixel_values"], grid)
+    with torch.no_grad():
+        hidden = forward_hidden(model, pack([sample], config.vision_config))
+    assert hidden.shape == (ids.numel(), config.text_config.hidden_size) and torch.isfinite(hidden).all()

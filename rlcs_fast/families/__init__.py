@@ -10,11 +10,12 @@ planner's parameter counts, the image pre-resize factor, and its offline tiny mo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .base import ModelFamily
 
-__all__ = ["ModelFamily", "family_for", "family_by_tiny_name", "FAMILIES", "TINY_NAMES"]
+__all__ = ["ModelFamily", "family_for", "family_by_tiny_name", "build_stand_in", "FAMILIES", "TINY_NAMES"]
 
 
 def _families() -> dict[str, ModelFamily]:
@@ -57,3 +58,11 @@ def family_for(config: Any) -> ModelFamily:
 def family_by_tiny_name(name: str) -> ModelFamily | None:
     """The family whose offline tiny model ``model.path = name`` names (``"tiny"``, ``"tiny-qwen3-vl"``)."""
     return TINY_NAMES.get(name)
+
+
+def build_stand_in(hub_config: dict[str, Any], out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A tiny offline stand-in for the released checkpoint whose ``config.json`` is ``hub_config`` (any
+    supported family): real token ids, vocabulary size and ``tie_word_embeddings``, the family's
+    processor, tiny weights. The CI rehearsal places it under the hub id in an offline HF cache
+    (``ModelFamily.build_stand_in``)."""
+    return family_for(hub_config).build_stand_in(hub_config, out_dir, seed=seed)

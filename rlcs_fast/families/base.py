@@ -166,3 +166,49 @@ class ModelFamily:
     def tiny_fingerprint_parts(self) -> tuple[str, ...]:
         """Everything beyond the shared tokenizer corpus that shapes the tiny directory."""
         raise NotImplementedError
+
+    # --- a stand-in for a released checkpoint (the CI rehearsal's offline hub cache) -----------------
+    released_pixels: tuple[int, int] = (0, 0)  # the released processor's (min, max) pixels
+
+    def build_stand_in(self, hub_config: dict[str, Any], out_dir: str | Path, *, seed: int = 0) -> Path:
+        """A tiny model of this family that loads like the released checkpoint whose ``config.json`` is
+        ``hub_config``: the family's tiny architecture with the real token ids (vision placeholders, bos,
+        eos, pad), vocabulary size and ``tie_word_embeddings``, the tiny tokenizer with its special tokens
+        at the real ids, the family's processor at the released pixel bounds, a generation config as
+        released (eos = ``<|im_end|>``, ``<|endoftext|>``), bf16 weights. Written to ``out_dir`` as an
+        ordinary HF directory (what the rehearsal places under ``models--ORG--NAME/snapshots/<hash>/``)."""
+        from transformers import GenerationConfig
+
+        from ..tiny import SPECIAL_TOKENS, build_tokenizer
+
+        text = hub_config.get("text_config", hub_config)
+        first = int(text.get("bos_token_id", hub_config.get("bos_token_id", 151643)))  # <|endoftext|>
+        tokenizer = build_tokenizer(first_special_id=first)
+        ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+        want = {"<|image_pad|>": "image_token_id", "<|video_pad|>": "video_token_id",
+                "<|vision_start|>": "vision_start_token_id", "<|vision_end|>": "vision_end_token_id"}
+        for tok, key in want.items():
+            if key in hub_config and int(hub_config[key]) != ids[tok]:
+                raise ValueError(f"{key} = {hub_config[key]} in the released config, but the stand-in's "
+                                 f"tokenizer puts {tok} at {ids[tok]}")
+        config = self.tiny_config()
+        tied = bool(hub_config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+        t = config.text_config
+        t.vocab_size = int(text.get("vocab_size", hub_config.get("vocab_size")))
+        t.bos_token_id, t.eos_token_id = ids["<|endoftext|>"], ids["<|im_end|>"]
+        t.pad_token_id = ids["<|endoftext|>"]
+        t.tie_word_embeddings = config.tie_word_embeddings = tied
+        for tok, key in want.items():
+            setattr(config, key, ids[tok])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = self.model_class()(config)
+        model.generation_config = GenerationConfig(
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+            pad_token_id=ids["<|endoftext|>"])
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.to(torch.bfloat16).save_pretrained(out_dir)
+        lo, hi = self.released_pixels
+        self.build_processor(tokenizer, min_pixels=lo, max_pixels=hi).save_pretrained(out_dir)
+        return out_dir

@@ -17,6 +17,7 @@ class Qwen25VL(ModelFamily):
     model_class_name = "Qwen2_5_VLForConditionalGeneration"
     vision_attention_class_name = "Qwen2_5_VLVisionAttention"
     modeling_module = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
+    released_pixels = (3136, 12845056)  # Qwen2.5-VL-*-Instruct preprocessor_config.json min/max_pixels
 
     def vision_kwargs(self, vision_config: Any, image_grid_thw: Tensor) -> dict[str, Any]:
         """Patch positions, per-frame segments and the window permutation with its segments, from

@@ -114,6 +114,7 @@ class Qwen3VL(ModelFamily):
     model_class_name = "Qwen3VLForConditionalGeneration"
     vision_attention_class_name = "Qwen3VLVisionAttention"
     modeling_module = "transformers.models.qwen3_vl.modeling_qwen3_vl"
+    released_pixels = (65536, 16777216)  # Qwen3-VL-*-Instruct preprocessor_config.json size
 
     def vision_kwargs(self, vision_config: Any, image_grid_thw: Tensor) -> dict[str, Any]:
         """Patch positions (for the 2-D rotary), per-frame segments, and the bilinear taps that resample

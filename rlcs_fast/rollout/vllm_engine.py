@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..families import family_for
 from .engine import Completion, Request, SamplingParams
 
 log = logging.getLogger("rlcs_fast")
@@ -206,7 +207,9 @@ class VLLMEngine:
         except ImportError as e:
             raise ImportError("rollout.engine = \"vllm\" needs vLLM: pip install 'rlcs-fast[vllm]'") from e
         hf = json.loads((Path(model_path) / "config.json").read_text()) if Path(model_path).is_dir() else {}
-        self.image_token_id: int | None = hf.get("image_token_id")
+        # the family's vision token ids, read from config.json (both Qwen families: <|image_pad|> 151655)
+        self.image_token_id: int | None = (family_for(hf).token_ids(hf)["image"] if "vision_config" in hf
+                                           else None)
         self.eos_token_id = eos_token_id
         self.tensor_parallel_size = tensor_parallel_size
         self.sleep_level = sleep_level
