@@ -200,3 +200,27 @@ def test_stand_in_for_released_qwen3_vl_loads_with_the_real_token_ids(tmp_path) 
     with torch.no_grad():
         hidden = forward_hidden(model, pack([sample], config.vision_config))
     assert hidden.shape == (ids.numel(), config.text_config.hidden_size) and torch.isfinite(hidden).all()
+
+
+@pytest.mark.parametrize("model_type, side", [("qwen2_5_vl", 28), ("qwen3_vl", 32)])
+def test_images_pre_resize_to_the_familys_merged_token(model_type: str, side: int) -> None:
+    """Pre-resize to multiples of patch x merge (28 or 32), so the processor's own resize (trainer's and
+    vLLM's) is the identity and both count the same image tokens."""
+    from PIL import Image
+
+    from rlcs_fast.data import Columns, Encoder
+
+    family = FAMILIES[model_type]
+    config = family.tiny_config()
+    pixels = dict(min_pixels=side * side * 4, max_pixels=side * side * 64)
+    processor = family.build_processor(**pixels)
+    encoder = Encoder(processor, config, Columns("images", "problem", "answer"), template="{problem}",
+                      system_prompt="", max_length=512, **pixels)
+    raw = Image.new("RGB", (100, 150), "white")
+    (image,) = encoder._images([raw])
+    assert image.width % side == 0 and image.height % side == 0, image.size
+    prompt = encoder.prompt({"images": [raw], "problem": "how many?", "answer": "1"})
+    t, h, w = prompt.image_grid_thw[0].tolist()
+    assert (h * family.image_factor(config.vision_config) // config.vision_config.spatial_merge_size,
+            w * side // config.vision_config.spatial_merge_size) == (image.height, image.width)
+    assert int((prompt.prompt_ids == config.image_token_id).sum()) == t * h * w // 4
