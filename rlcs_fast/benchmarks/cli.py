@@ -36,11 +36,14 @@ def per_bench(values: list[str], benches: list[str], flag: str) -> dict[str, str
 
 
 def resolve_model(model: str) -> str:
-    """A model directory, ``tiny``, or a hub id (``Qwen/Qwen2.5-VL-7B-Instruct``, the base model)."""
-    if model == "tiny":
+    """A model directory, ``tiny`` / ``tiny-qwen3-vl``, or a hub id (``Qwen/Qwen2.5-VL-7B-Instruct``, the
+    base model)."""
+    from ..families import family_by_tiny_name
+
+    if family_by_tiny_name(model) is not None:
         from ..tiny import tiny_path
 
-        return str(tiny_path())
+        return str(tiny_path(name=model))
     if Path(model).is_dir() or (
         model.count("/") == 1 and not Path(model).exists() and not model.startswith((".", "/"))
     ):
