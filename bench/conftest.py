@@ -1,7 +1,7 @@
 """pytest-benchmark setup for ``pytest bench/``.
 
-- On a GPU: every benchmark at the 3B/7B shapes; the run's JSON goes to ``bench/results/kernels_<gpu>.json``
-  (or ``--bench-out``).
+- On a GPU: every benchmark at the 3B/7B shapes (``--bench-models qwen3vl_8b``: Qwen3-VL-8B's); the run's
+  JSON goes to ``bench/results/kernels_<gpu>.json`` (or ``--bench-out``).
 - Without a GPU: everything is skipped with one reason, in seconds.
 - ``--bench-ci``: every benchmark body once at tiny shapes on the CPU (Triton interpreter, torch), so the
   suite never rots; use with ``--benchmark-disable``. Writes JSON only with ``--bench-out``.
@@ -32,7 +32,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--bench-out", default=None,
                 help="results JSON path (default: bench/results/kernels_<device>.json)")
     g.addoption("--bench-tokens", default=None, help="comma-separated N values (default 2048,...,32768)")
-    g.addoption("--bench-models", default="3b,7b", help="comma-separated shapes among 3b,7b")
+    g.addoption("--bench-models", default="3b,7b", help="comma-separated shapes among 3b,7b,qwen3vl_8b")
     g.addoption("--bench-rounds", type=int, default=10, help="timed rounds per benchmark")
     g.addoption("--bench-warmup", type=int, default=2,
                 help="untimed rounds per benchmark (autotune, compile)")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 import types
 from typing import Any
 
@@ -308,9 +309,10 @@ def _vision_attention_forward(
     max_seqlen: int | None = None,
     **kwargs: Any,
 ) -> Tensor:
-    """``Qwen2_5_VLVisionAttention.forward`` with one non-causal varlen call over ``cu_seqlens``
-    instead of transformers' per-window loop for non-"flash" implementations."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    """``Qwen2_5_VLVisionAttention.forward`` / ``Qwen3VLVisionAttention.forward`` (the same code) with one
+    non-causal varlen call over ``cu_seqlens`` instead of transformers' per-window loop for non-"flash"
+    implementations. The rotary is the one of the class's own modeling module."""
+    apply_rotary_pos_emb_vision = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
 
     seq_length = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
@@ -346,9 +348,11 @@ def register_attention() -> str:
 
 
 def apply_attention(model: nn.Module, backend: str) -> str:
-    """Make ``model`` (a built Qwen2.5-VL, text and vision) use ``backend`` (from ``select_attention``)
+    """Make ``model`` (a built Qwen VL model, text and vision) use ``backend`` (from ``select_attention``)
     through ``ATTENTION_NAME``. Returns a name for the start log, e.g. ``"rlcs_varlen/flash"``."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
+    from .families import family_for
+
+    vision_attention = family_for(model.config).vision_attention_class()
 
     if backend not in BACKENDS:
         raise ValueError(
@@ -359,6 +363,6 @@ def apply_attention(model: nn.Module, backend: str) -> str:
     for module in model.modules():
         if hasattr(module, "is_causal") and hasattr(module, "scaling"):  # text and vision attention layers
             setattr(module, _BACKEND_ATTR, backend)
-        if isinstance(module, Qwen2_5_VLVisionAttention):
+        if isinstance(module, vision_attention):
             module.forward = types.MethodType(_vision_attention_forward, module)
     return f"{name}/{backend}"

@@ -35,7 +35,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = "tiny"  # a local HF directory, a hub id, or "tiny" (the offline tiny Qwen2.5-VL)
+    path: str = "tiny"  # a local HF directory, a hub id, "tiny" or "tiny-qwen3-vl" (offline tiny models)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 mixed precision on GPU, fp32 on CPU
     attention: Literal["auto", "flash", "torch_varlen", "sdpa_packed"] = "auto"
     gradient_checkpointing: bool = False

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .config import ConfigError
+from .families import family_for
 from .packing import Sample, mrope_positions
 
 log = logging.getLogger("rlcs_fast")
@@ -211,11 +212,12 @@ def open_image(obj: Any) -> Image.Image:
     return img.convert("RGB")
 
 
-def prepare_image(obj: Any, min_pixels: int, max_pixels: int) -> Image.Image:
-    """Decode and pre-resize once (factor 28), so the trainer's and vLLM's processors both see an image
-    whose resize is the identity and agree on the number of image tokens."""
+def prepare_image(obj: Any, min_pixels: int, max_pixels: int, factor: int = IMAGE_FACTOR) -> Image.Image:
+    """Decode and pre-resize once (to multiples of ``factor``: the family's patch x merge, 28 for
+    Qwen2.5-VL, 32 for Qwen3-VL), so the trainer's and vLLM's processors both see an image whose resize is
+    the identity and agree on the number of image tokens."""
     img = open_image(obj)
-    h, w = smart_resize(img.height, img.width, min_pixels, max_pixels)
+    h, w = smart_resize(img.height, img.width, min_pixels, max_pixels, factor=factor)
     return img if (h, w) == (img.height, img.width) else img.resize((w, h), Image.BICUBIC)
 
 
@@ -305,10 +307,11 @@ class Encoder:
         self.max_images = max_images  # per prompt sent to a rollout engine (None: no limit)
         self.eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self._slot = f"\ue000{uuid.uuid4().hex}\ue001"  # brackets a data text in the rendered template
+        self.factor = family_for(model_config).image_factor(model_config.vision_config)
 
     def _images(self, raw: list[Any]) -> list[Image.Image]:
         try:
-            return [prepare_image(x, self.min_pixels, self.max_pixels) for x in raw]
+            return [prepare_image(x, self.min_pixels, self.max_pixels, self.factor) for x in raw]
         except SkipSample:
             raise
         except Exception as e:  # PIL raises many types for corrupt or truncated files, smart_resize for

@@ -18,11 +18,14 @@ from .rollout.build import build_engine
 
 
 def resolve_eval_model(model: str) -> str:
-    """``--model``: a model directory, ``tiny``, or a hub id (the base model, resolved to its local
-    snapshot directory, as training resolves ``model.path``)."""
-    if model != "tiny" and not Path(model).expanduser().is_dir() and not is_hub_id(model):
+    """``--model``: a model directory, ``tiny`` / ``tiny-qwen3-vl``, or a hub id (the base model, resolved
+    to its local snapshot directory, as training resolves ``model.path``)."""
+    from .families import family_by_tiny_name
+
+    if (family_by_tiny_name(model) is None and not Path(model).expanduser().is_dir()
+            and not is_hub_id(model)):
         raise ConfigError(f"--model {model!r} is not a directory (give an exported HF directory, e.g. "
-                          "<run.dir>/grpo/hf, a hub id, or 'tiny').")
+                          "<run.dir>/grpo/hf, a hub id, 'tiny' or 'tiny-qwen3-vl').")
     return resolve_model_path(model, key="--model")
 
 

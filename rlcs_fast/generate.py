@@ -53,7 +53,8 @@ def build_prompt(processor, settings: PromptSettings, image_path: str, question:
     """(chat text, pre-resized image) as the training encoder builds them."""
     from .data import build_messages, prepare_image
 
-    image = prepare_image(image_path, settings.min_pixels, settings.max_pixels)
+    ip = processor.image_processor  # patch x merge: the model family's pre-resize factor (28 or 32)
+    image = prepare_image(image_path, settings.min_pixels, settings.max_pixels, ip.patch_size * ip.merge_size)
     messages = build_messages(question, 1, template=settings.template, system_prompt=settings.system_prompt)
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text, image

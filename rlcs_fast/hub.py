@@ -51,16 +51,19 @@ def snapshot_dir(repo_id: str, *, key: str = "model.path", files_only: bool = Fa
 
 
 def resolve_model_path(path: str, *, tiny_seed: int = 0, key: str = "model.path") -> str:
-    """`"tiny"` → the offline tiny Qwen2.5-VL (built once into the cache); a local directory → itself; a
-    hub id → its local snapshot directory. Collective under torchrun (every rank calls it)."""
-    if path == "tiny":
+    """`"tiny"` / `"tiny-qwen3-vl"` → the offline tiny model of that family (built once into the cache); a
+    local directory → itself; a hub id → its local snapshot directory. Collective under torchrun (every rank
+    calls it)."""
+    from .families import family_by_tiny_name
+
+    if family_by_tiny_name(path) is not None:
         from .tiny import tiny_path
 
         if dist.is_dist():  # one rank builds, the others wait, so they never race on the cache
             if dist.rank() == 0:
-                tiny_path(seed=tiny_seed)
+                tiny_path(seed=tiny_seed, name=path)
             dist.barrier()
-        return str(tiny_path(seed=tiny_seed))
+        return str(tiny_path(seed=tiny_seed, name=path))
     local = Path(path).expanduser()
     if local.is_dir():
         return str(local)

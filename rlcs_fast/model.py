@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, PreTrainedModel
 
 from . import dist
 from .attention import apply_attention, select_attention
 from .checkpoint import fsync_tree
+from .families import family_for
 from .hub import resolve_model_path  # noqa: F401  (the entry points' import)
 from .packing import PackedBatch, forward_hidden
 from .trainer_utils import full_tensor
@@ -34,12 +35,14 @@ def load_processor(path: str, *, min_pixels: int, max_pixels: int):
 
 def load_model(path: str, *, attention: str = "auto", device: torch.device | str = "cpu",
                freeze_vision: bool = False,
-               dtype: torch.dtype = torch.float32) -> tuple[Qwen2_5_VLForConditionalGeneration, str]:
+               dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, str]:
     """The HF model with the packed attention backend installed: float32 master weights for training, the
     compute dtype for a frozen model (the reference); ``freeze_vision`` freezes the ViT (patch embedding
-    and blocks), never the merger."""
+    and blocks), never the mergers. The model class is the family's (``config.json``'s model_type)."""
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        config = AutoConfig.from_pretrained(path)
+        family = family_for(config)
+        model = family.model_class().from_pretrained(path, config=config, dtype=dtype)
     except OSError as e:
         raise OSError(f"model.path = {path!r} could not be loaded ({e}); give a local Hugging Face "
                       "directory, "
@@ -49,7 +52,7 @@ def load_model(path: str, *, attention: str = "auto", device: torch.device | str
         # ViT blocks and patch embedding only: the merger (ms-swift's "aligner") keeps training, as in the
         # recipe's `swift sft --freeze_aligner false` with freeze_vit's default
         for name, p in model.model.visual.named_parameters():
-            if not name.startswith("merger."):
+            if not name.startswith(family.vision_frozen_prefixes()):
                 p.requires_grad_(False)
     return model.to(device), backend
 
@@ -62,7 +65,7 @@ class Policy(nn.Module):
     `head_fn(hidden [N, H], weight [V, H]) -> anything` receives the final hidden states of the tokens
     selected by `index` (default: the loss positions of the batch)."""
 
-    def __init__(self, model: Qwen2_5_VLForConditionalGeneration):
+    def __init__(self, model: PreTrainedModel):
         super().__init__()
         self.model = model
 
@@ -141,16 +144,16 @@ def apply_fsdp(policy: Policy, *, mixed_precision: bool, cpu_offload: bool = Fal
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
         kw["mesh"] = _offload_mesh()
-    inner = policy.model.model
-    for block in inner.visual.blocks:
+    vision_units, text_units = family_for(policy.model.config).fsdp_units(policy.model)
+    for block in vision_units:
         fully_shard(block, **(kw | vision_kw))
-    for layer in inner.language_model.layers:
+    for layer in text_units:
         fully_shard(layer, **kw)
     fully_shard(policy, reshard_after_forward=reshard_root, **kw)
     return policy
 
 
-def hf_weight_names(model: Qwen2_5_VLForConditionalGeneration) -> dict[str, str]:
+def hf_weight_names(model: PreTrainedModel) -> dict[str, str]:
     """State-dict name → the name `save_pretrained` writes to disk, in state-dict order, tied aliases left
     out.
 

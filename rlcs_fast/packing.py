@@ -1,4 +1,4 @@
-"""Padding-free packed batches for Qwen2.5-VL: positions, packing, micro-batch planning, the forward.
+"""Padding-free packed batches for the Qwen VL families: positions, packing, micro-batches, the forward.
 
 Several sequences are concatenated into one row of L tokens with no padding. What keeps them apart:
 - ``position_ids`` of shape [4, 1, L]: row 0 holds text positions that restart at 0 per sequence (the
@@ -11,6 +11,8 @@ Several sequences are concatenated into one row of L tokens with no padding. Wha
 
 mrope positions are computed per sample before packing (``mrope_positions``): transformers'
 ``get_rope_index`` gives wrong positions for packed attention masks (LlamaFactory#7754).
+What depends on the model family (positions, vision inputs, the dummy image) is asked of
+``rlcs_fast.families.family_for(config)``; the functions here keep their names and delegate.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .families import family_for
 
 
 @dataclass
@@ -97,55 +101,13 @@ def patch_dim(vision_config: Any) -> int:
 
 def smallest_image(vision_config: Any) -> tuple[Tensor, Tensor]:
     """(zero pixels [merge², patch_dim], grid [[1, merge, merge]]): the smallest image, one merged token."""
-    merge = vision_config.spatial_merge_size
-    return torch.zeros(merge * merge, patch_dim(vision_config)), torch.tensor([[1, merge, merge]])
+    return family_for(vision_config).smallest_image(vision_config)
 
 
 def mrope_positions(model_config: Any, input_ids: Tensor, image_grid_thw: Tensor | None) -> Tensor:
-    """Qwen2.5-VL 3-D rope positions of one sequence → [3, T] int64.
-
-    The same numbers as ``Qwen2_5_VLModel.get_rope_index`` (transformers 5.x), vectorised: text tokens
-    count up by one; an image of LLM grid (t, h, w) placed at position p gets (p + t_i, p + h_i, p + w_i)
-    and the text after it continues at p + max(h, w). Images are matched to ``image_grid_thw`` rows in
-    order by their token count (t·h·w / merge²), so adjacent images need no separator. Images only."""
-    input_ids = input_ids.reshape(-1)
-    n = input_ids.numel()
-    device = input_ids.device
-    is_image = input_ids == model_config.image_token_id
-    if (input_ids == model_config.video_token_id).any():
-        raise ValueError("video inputs are not supported by rlcs_fast packing (images only)")
-    if image_grid_thw is None or image_grid_thw.numel() == 0:
-        if is_image.any():
-            raise ValueError(f"{int(is_image.sum())} <|image_pad|> tokens but no image_grid_thw")
-        return torch.arange(n, device=device).expand(3, n).clone()
-
-    merge = model_config.vision_config.spatial_merge_size
-    grid = image_grid_thw.to(device=device, dtype=torch.long).reshape(-1, 3)
-    t, h, w = grid[:, 0], grid[:, 1] // merge, grid[:, 2] // merge  # LLM grid of each image
-    tokens = t * h * w  # [I] image tokens per image
-    cum_tokens = torch.cumsum(tokens, 0)  # [I]
-    if int(cum_tokens[-1]) != int(is_image.sum()):
-        raise ValueError(
-            f"{int(is_image.sum())} <|image_pad|> tokens but image_grid_thw {grid.tolist()} needs "
-            f"{int(cum_tokens[-1])} (t·h·w/{merge * merge} per image)"
-        )
-    advance = torch.maximum(h, w)  # text position advance of each image
-    cum_advance = torch.cat([advance.new_zeros(1), torch.cumsum(advance, 0)])  # [I+1]
-
-    is_text = ~is_image
-    text_before = torch.cumsum(is_text.long(), 0) - is_text.long()  # text tokens strictly before i
-    image_before = torch.cumsum(is_image.long(), 0) - is_image.long()  # image tokens strictly before i
-    # Index of the image a token is in (image tokens) or of the images already finished (text tokens).
-    image_idx = torch.searchsorted(cum_tokens, image_before, right=True)  # [T]
-    start = text_before + cum_advance[image_idx]  # position where the current run starts
-    pos = start.expand(3, n).clone()
-
-    img_idx = image_idx[is_image]  # [N_img]
-    local = image_before[is_image] - (cum_tokens - tokens)[img_idx]  # index inside its image
-    hw, wi = (h * w)[img_idx], w[img_idx]
-    offsets = torch.stack([local // hw, (local // wi) % h[img_idx], local % wi])  # [3, N_img] (t, h, w)
-    pos[:, is_image] = start[is_image] + offsets
-    return pos
+    """3-D rope positions of one sequence → [3, T] int64, as the family's ``get_rope_index`` computes them
+    (``ModelFamily.mrope_positions``). Images only."""
+    return family_for(model_config).mrope_positions(model_config, input_ids, image_grid_thw)
 
 
 def extend_positions(positions: Tensor, n_new: int) -> Tensor:
@@ -159,31 +121,9 @@ def extend_positions(positions: Tensor, n_new: int) -> Tensor:
 
 
 def vision_kwargs(vision_config: Any, image_grid_thw: Tensor) -> dict[str, Any]:
-    """The ViT's data-dependent inputs for ``image_grid_thw``, computed on the host with transformers'
-    own ``vision_utils`` and named as ``get_image_features`` accepts them precomputed (``image_*``)."""
-    from transformers.vision_utils import (
-        get_vision_cu_seqlens,
-        get_vision_position_ids,
-        get_vision_window_index,
-    )
-
-    grid = image_grid_thw.cpu()
-    merge = vision_config.spatial_merge_size
-    cu_seqlens = get_vision_cu_seqlens(grid)
-    window_index, cu_window_seqlens = get_vision_window_index(
-        grid,
-        spatial_merge_size=merge,
-        window_size=vision_config.window_size,
-        patch_size=vision_config.patch_size,
-    )
-    return {
-        "image_position_ids": get_vision_position_ids(grid, merge),
-        "image_cu_seqlens": cu_seqlens,
-        "image_max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
-        "image_window_index": window_index,
-        "image_cu_window_seqlens": cu_window_seqlens,
-        "image_max_window_seqlen": int((cu_window_seqlens[1:] - cu_window_seqlens[:-1]).max()),
-    }
+    """The ViT's data-dependent inputs for ``image_grid_thw``, computed on the host and named as
+    ``get_image_features`` accepts them precomputed (``image_*``); the family says which."""
+    return family_for(vision_config).vision_kwargs(vision_config, image_grid_thw)
 
 
 def pack(samples: list[Sample], vision_config: Any | None = None) -> PackedBatch:
@@ -288,8 +228,10 @@ def unpack(values: Tensor, batch: PackedBatch) -> list[Tensor]:
 
 
 def forward_hidden(model: nn.Module, batch: PackedBatch, *, touch_vision: bool | None = None) -> Tensor:
-    """Final hidden states (after the last norm) of a ``Qwen2_5_VLForConditionalGeneration`` on a
-    packed batch → [L, H]. No logits: the fused log-prob kernels take these and ``lm_head.weight``.
+    """Final hidden states (after the last norm) of a Qwen VL ``…ForConditionalGeneration`` on a
+    packed batch → [L, H]. (Qwen3-VL's DeepStack features are added inside its text model at the
+    image-token positions of the packed row, which hold the images in the order ``pack`` concatenated
+    them.) No logits: the fused log-prob kernels take these and ``lm_head.weight``.
 
     Runs ``model.model`` (FSDP2's ``fully_shard`` keeps that attribute; shard ``model.model`` as its
     own unit, or its parameters stay sharded when it is called directly) with ``attention_mask=None``,
@@ -330,11 +272,16 @@ def forward_hidden(model: nn.Module, batch: PackedBatch, *, touch_vision: bool |
         "max_length_q": batch.max_seqlen,
         "max_length_k": batch.max_seqlen,
     }
-    inputs: dict[str, Any] = {"input_ids": batch.input_ids}
     if batch.pixel_values is not None:
-        inputs = {"inputs_embeds": _embed_with_images(inner, batch)}
-    out = inner(
-        **inputs,
+        embeds, visual = _embed_with_images(inner, batch)
+        kwargs.update(visual)
+    else:
+        embeds = inner.get_input_embeddings()(batch.input_ids)  # [1, L, H]
+    # the language model itself: what the VL model's forward adds around it (image features, positions)
+    # is done here, without its host-syncing placeholder check, and with each image's features once
+    out = inner.language_model(
+        input_ids=None,
+        inputs_embeds=embeds,
         position_ids=batch.position_ids,
         attention_mask=_no_mask(inner),
         use_cache=False,
@@ -354,13 +301,17 @@ def _no_mask(inner: nn.Module) -> dict[str, None] | None:
 
     if inner.language_model.config._attn_implementation != ATTENTION_NAME:
         return None  # sdpa/eager: transformers builds the block-diagonal mask from the positions
+    if not family_for(inner.config).text_mask_mapping:
+        return None  # its text model builds the mask itself, whatever it is given
     return {"full_attention": None, "sliding_attention": None}
 
 
-def _embed_with_images(inner: nn.Module, batch: PackedBatch) -> Tensor:
-    """Token embeddings [1, L, H] with the vision tower's output at the image tokens: the tower runs
-    once per distinct image of the batch, and ``image_embed_index`` copies an image's rows to every
-    sequence that uses it (the same masked scatter as transformers' own forward)."""
+def _embed_with_images(inner: nn.Module, batch: PackedBatch) -> tuple[Tensor, dict[str, Any]]:
+    """Token embeddings [1, L, H] with the vision tower's output at the image tokens, and the language
+    model's visual inputs (Qwen3-VL's DeepStack features at the same tokens; none for Qwen2.5-VL): the
+    tower runs once per distinct image of the batch, and ``image_embed_index`` copies an image's rows to
+    every sequence that uses it (the same masked scatter as transformers' own forward; backward:
+    index_add)."""
     vkw = batch.vision_kwargs
     if not vkw:  # pack() had no vision config: compute on the host, move once
         vkw = {
@@ -368,22 +319,24 @@ def _embed_with_images(inner: nn.Module, batch: PackedBatch) -> Tensor:
             for k, v in vision_kwargs(inner.config.vision_config, batch.image_grid_thw).items()
         }
     features = inner.get_image_features(batch.pixel_values, batch.image_grid_thw, return_dict=True, **vkw)
-    image_embeds = torch.cat(list(features.pooler_output))  # [distinct image tokens, H]
-    if batch.image_embed_index is not None:
-        image_embeds = image_embeds.index_select(0, batch.image_embed_index)  # backward: index_add
+
+    def per_token(parts) -> Tensor:  # [image tokens of the packed row, H]
+        rows = torch.cat(list(parts))  # [distinct image tokens, H]
+        return rows if batch.image_embed_index is None else rows.index_select(0, batch.image_embed_index)
+
     embeds = inner.get_input_embeddings()(batch.input_ids)  # [1, L, H]
-    image_mask = (batch.input_ids == inner.config.image_token_id)[..., None]
-    return embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
+    image_mask = batch.input_ids == inner.config.image_token_id  # [1, L]
+    embeds = embeds.masked_scatter(image_mask[..., None], per_token(features.pooler_output).to(embeds.dtype))
+    deepstack = getattr(features, "deepstack_features", None)
+    if not deepstack:
+        return embeds, {}
+    return embeds, {"visual_pos_masks": image_mask,
+                    "deepstack_visual_embeds": [per_token(level) for level in deepstack]}
 
 
 def _dummy_vision_output(visual: nn.Module, device: torch.device) -> Tensor:
-    """Sum of the vision tower's output on one smallest image of zeros (a scalar)."""
-    pixels, grid = smallest_image(visual.config)
-    extra = {
-        name.removeprefix("image_"): value.to(device) if isinstance(value, Tensor) else value
-        for name, value in vision_kwargs(visual.config, grid).items()
-    }
-    return visual(pixels.to(device, visual.dtype), grid_thw=grid, **extra).pooler_output.sum()
+    """Sum of the vision tower's outputs on one smallest image of zeros (a scalar)."""
+    return family_for(visual.config).dummy_vision_output(visual, device)
 
 
 def _check_fsdp_root(model: nn.Module) -> None:

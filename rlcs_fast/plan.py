@@ -15,7 +15,8 @@ checked and sized before any GPU time is spent.
   layer keeps about ``8·H + 2·kv_dim + 4·I`` values per token for backward, a vision block about
   ``8·H_v + 4·I_v`` per patch; with activation checkpointing only each layer's input (``H`` per token)
   is kept, plus one layer's full set while it is recomputed. Image patches per micro-batch: the budget
-  times the image share of the longest sequence (``max_pixels / 28²`` merged tokens, 4 patches each).
+  times the image share of the longest sequence (``max_pixels / (patch·merge)²`` merged tokens, 4 patches
+  each; 28² for Qwen2.5-VL, 32² for Qwen3-VL).
   :func:`memory_plan` adds the AdamW states (2 × fp32, sharded), the reference model (compute dtype,
   sharded), 10% for the allocator's fragmentation, and vLLM while awake (GRPO; validation of either
   stage when ``rollout.engine = "vllm"``): bf16 weights (2 B/param over the tensor-parallel size) and
@@ -35,13 +36,12 @@ from typing import Any
 from .config import Config, ConfigError
 
 GIB = 2**30
-MERGED_PATCH_PIXELS = 28 * 28  # one merged image token covers 28×28 pixels (patch 14, spatial merge 2)
 DEFAULT_GPU_GIB = 80.0  # H100 / A100-80G, when no GPU is visible to size the plan against
 
 
 @dataclass(frozen=True)
 class ModelArch:
-    """What the plan needs of a Qwen2.5-VL config."""
+    """What the plan needs of a model's config (any family in ``rlcs_fast.families``)."""
 
     model_type: str
     layers: int
@@ -62,6 +62,13 @@ class ModelArch:
     text_params: int
     vision_params: int
     merger_params: int = 0  # trained even with model.freeze_vision
+    layer_params: int = 0  # one decoder layer (an FSDP2 unit)
+    block_params: int = 0  # one vision block (an FSDP2 unit)
+
+    @property
+    def merged_patch_pixels(self) -> int:
+        """Pixels one merged image token covers: 28² for Qwen2.5-VL (patch 14), 32² for Qwen3-VL (16)."""
+        return (self.patch_size * self.merge_size) ** 2
 
     @property
     def total_params(self) -> int:
@@ -96,10 +103,10 @@ def hub_unreachable() -> str:
 def load_model_config(path: str, *, key: str = "model.path"):
     """The model's config (``config.json`` only, never weights): a local directory, a hub id (from the
     local cache only when the hub is unreachable), or ``"tiny"``."""
-    if path == "tiny":
-        from .tiny import tiny_config
+    from .families import family_by_tiny_name
 
-        return tiny_config()
+    if (family := family_by_tiny_name(path)) is not None:
+        return family.tiny_config()
     from transformers import AutoConfig
 
     offline = "" if os.path.isdir(os.path.expanduser(path)) else hub_unreachable()
@@ -118,37 +125,26 @@ def load_model_config(path: str, *, key: str = "model.path"):
 
 
 def count_params(config) -> tuple[int, int]:
-    """(text, vision) parameter counts of ``Qwen2_5_VLForConditionalGeneration`` built from ``config``,
-    tied embeddings counted once. Mirrors the module shapes of transformers' Qwen2.5-VL."""
-    from .packing import patch_dim  # imports torch: not at the top, `--dry-run` may not need it
+    """(text, vision) parameter counts of the model ``config`` describes, tied embeddings counted once:
+    the family's count, which mirrors transformers' module shapes (``rlcs_fast.families``)."""
+    from .families import family_for
 
-    t, v = config.text_config, config.vision_config
-    h, inter, vocab = t.hidden_size, t.intermediate_size, t.vocab_size
-    hd = getattr(t, "head_dim", None) or h // t.num_attention_heads
-    q, kv = t.num_attention_heads * hd, t.num_key_value_heads * hd
-    attn = (h * q + q) + 2 * (h * kv + kv) + q * h  # q/k/v carry biases, o_proj does not
-    layer = attn + 3 * h * inter + 2 * h  # gated MLP without biases, two RMSNorms
-    text = vocab * h + t.num_hidden_layers * layer + h  # embeddings, layers, final norm
-    if not config.tie_word_embeddings:
-        text += vocab * h  # lm_head
-    vh, vi = v.hidden_size, v.intermediate_size
-    block = (vh * 3 * vh + 3 * vh) + (vh * vh + vh) + 2 * (vh * vi + vi) + (vi * vh + vh) + 2 * vh
-    merger = merger_params(v)
-    patch_embed = patch_dim(v) * vh  # Conv3d without bias
-    vision = patch_embed + v.depth * block + merger
-    return text, vision
+    return family_for(config).count_params(config)
 
 
-def merger_params(v) -> int:
-    """The vision merger (LayerNorm + 2-layer MLP over 2x2 merged patches)."""
-    vh = v.hidden_size
-    merged = vh * v.spatial_merge_size**2
-    return vh + (merged * merged + merged) + (merged * v.out_hidden_size + v.out_hidden_size)
+def merger_params(config) -> int:
+    """Parameters of the vision mergers (trained even with ``model.freeze_vision``)."""
+    from .families import family_for
+
+    return family_for(config).merger_params(config.vision_config)
 
 
 def model_arch(config) -> ModelArch:
+    from .families import family_for
+
     t, v = config.text_config, config.vision_config
     text, vision = count_params(config)
+    layer, block = family_for(config).unit_params(config)
     return ModelArch(
         model_type=config.model_type, layers=t.num_hidden_layers, hidden=t.hidden_size,
         heads=t.num_attention_heads, kv_heads=t.num_key_value_heads,
@@ -157,7 +153,7 @@ def model_arch(config) -> ModelArch:
         vision_depth=v.depth, vision_hidden=v.hidden_size, vision_heads=v.num_heads,
         vision_intermediate=v.intermediate_size, vision_out=v.out_hidden_size, patch_size=v.patch_size,
         merge_size=v.spatial_merge_size, text_params=text, vision_params=vision,
-        merger_params=merger_params(v))
+        merger_params=merger_params(config), layer_params=layer, block_params=block)
 
 
 # --- data ----------------------------------------------------------------------------------------------
@@ -260,15 +256,10 @@ def batch_plan(cfg: Config, stage: str, world: int, train_rows: int | None) -> d
 
 def _units(arch: ModelArch) -> tuple[int, int]:
     """(parameters of the largest non-root FSDP2 unit: a decoder layer or a vision block, parameters of the
-    root: embeddings, head, final norm, patch embedding and merger), as ``model.apply_fsdp`` groups them."""
-    h, vh = arch.hidden, arch.vision_hidden
-    layer = (h * h * 2 + 2 * h * arch.kv_dim + h + 2 * arch.kv_dim) + 3 * h * arch.intermediate + 2 * h
-    block = 4 * vh * vh + 4 * vh + 3 * vh * arch.vision_intermediate + 2 * arch.vision_intermediate + 3 * vh
-    merged = vh * arch.merge_size**2
-    patch_embed = 3 * 2 * arch.patch_size**2 * vh
-    root = (arch.vocab * h * (1 if arch.tied else 2) + h + merged * merged + merged + merged * arch.vision_out
-            + arch.vision_out + vh + patch_embed)
-    return max(layer, block), root
+    root: embeddings, head, final norm, patch embedding, position table and mergers), as
+    ``model.apply_fsdp`` groups them."""
+    root = arch.total_params - arch.layers * arch.layer_params - arch.vision_depth * arch.block_params
+    return max(arch.layer_params, arch.block_params), root
 
 
 def head_chunk(tokens: int, vocab: int) -> int:
@@ -340,7 +331,7 @@ def memory_plan(arch: ModelArch, cfg: Config, stage: str, world: int, gpu_gib: f
     else:
         budget = cfg.grpo.max_tokens_per_microbatch
         seq_len = cfg.grpo.max_prompt_length + cfg.grpo.max_response_length
-    image_tokens = min(cfg.data.max_pixels // MERGED_PATCH_PIXELS, seq_len)
+    image_tokens = min(cfg.data.max_pixels // arch.merged_patch_pixels, seq_len)
     patches = budget * image_tokens / seq_len * arch.merge_size**2
     cb = 4 if cfg.model.dtype == "float32" else 2
     step = micro_step_bytes(arch, stage=stage, world=world, tokens=budget, patches=patches,

@@ -232,16 +232,15 @@ def synthetic_batch(config, *, tokens: int, seq_len: int, image_tokens: int, see
 
 
 def _build(config, device: torch.device, *, grad_ckpt: bool, seed: int):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from .attention import apply_attention, select_attention
     from .config import OptimConfig
+    from .families import family_for
     from .model import Policy, apply_activation_checkpointing
     from .trainer_utils import build_optimizer
 
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration(config).float()
+        model = family_for(config).model_class()(config).float()
     backend = apply_attention(model, select_attention("auto"))
     if grad_ckpt:
         apply_activation_checkpointing(model)
@@ -355,8 +354,7 @@ def profile_rollout(config, device: torch.device, *, prompts: int, n: int, promp
     """One GRPO rollout through ``VLLMEngine`` as the trainer drives it (wake → weight push → generate →
     sleep), on random text prompts (the image encoder is not included) and random weights pushed from a
     bf16 copy of the model. Times in s; generated tokens counted from the completions."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
+    from .families import family_for
     from .rollout.engine import SamplingParams
     from .rollout.vllm_engine import VLLMEngine
     from .tiny import build_processor
@@ -364,7 +362,7 @@ def profile_rollout(config, device: torch.device, *, prompts: int, n: int, promp
 
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
+        model = family_for(config).model_class()(config).to(torch.bfloat16)
     g = torch.Generator().manual_seed(seed)
     requests = [_Prompt(torch.randint(0, 150000, (prompt_len,), generator=g)) for _ in range(prompts)]
     times: dict[str, float] = {}

@@ -175,10 +175,9 @@ def profile_grpo(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Phase times (s) and peak memory (GiB) of the last of ``steps`` GRPO steps (the first warms up)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from . import grpo as phases
     from .config import OptimConfig
+    from .families import family_for
     from .faults import BadStepGuard
     from .rollout.build import banned_token_ids
     from .rollout.hf_engine import HFEngine
@@ -189,7 +188,7 @@ def profile_grpo(
     with torch.device(
         device
     ):  # the engine's own copy (random): the policy's weights arrive in the sync phase
-        engine_model = Qwen2_5_VLForConditionalGeneration(config)
+        engine_model = family_for(config).model_class()(config)
     eos = config.text_config.eos_token_id
     engine = HFEngine(engine_model, device=device, batch_size=prompts * n, eos_token_id=eos, pad_token_id=eos)
     ctx = _StepContext(cfg, policy, config, device, kernels_impl, engine, _RandomScorer(seed),

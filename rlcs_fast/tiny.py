@@ -134,9 +134,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> Qwen2Tokenizer:
+def build_tokenizer(first_special_id: int = BASE_VOCAB) -> Qwen2Tokenizer:
     """A byte-level BPE of exactly ``BASE_VOCAB`` tokens trained on the shipped corpus with Qwen2's
-    normalizer, pre-tokenizer and decoder, then the 14 Qwen special tokens at ``SPECIAL_IDS``."""
+    normalizer, pre-tokenizer and decoder, then the 14 Qwen special tokens at ``SPECIAL_IDS``.
+
+    ``first_special_id`` > ``BASE_VOCAB`` places the specials where a released checkpoint has them
+    (151643 for every Qwen2.5-VL / Qwen3-VL): the ids in between are filler entries that no merge
+    produces, so the tokenizer of a stand-in for the real model (``families.build_stand_in``) gives the
+    real token ids."""
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
@@ -158,6 +163,8 @@ def build_tokenizer() -> Qwen2Tokenizer:
     assert sorted(vocab.values()) == list(range(BASE_VOCAB)), (
         f"tiny BPE has {len(vocab)} base tokens, expected ids 0..{BASE_VOCAB - 1}: corpus too small?"
     )
+    assert first_special_id >= BASE_VOCAB, f"first_special_id {first_special_id} < {BASE_VOCAB}"
+    vocab = {**vocab, **{f"<|rlcs_filler_{i}|>": i for i in range(BASE_VOCAB, first_special_id)}}
     # Qwen2Tokenizer rebuilds the same pipeline from vocab + merges. It adds its special tokens in the
     # order unk/eos/pad first, then the extras: `<|endoftext|>` must be the only one of those at that
     # point to land at id 1000, so eos becomes `<|im_end|>` only afterwards.
@@ -173,8 +180,9 @@ def build_tokenizer() -> Qwen2Tokenizer:
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.chat_template = CHAT_TEMPLATE
     got = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
-    assert got == SPECIAL_IDS and len(tokenizer) == BASE_VOCAB + len(SPECIAL_TOKENS), (
-        f"special token ids {got} != {SPECIAL_IDS}"
+    want = {tok: first_special_id + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    assert got == want and len(tokenizer) == first_special_id + len(SPECIAL_TOKENS), (
+        f"special token ids {got} != {want}"
     )
     return tokenizer
 
@@ -234,19 +242,32 @@ def _fingerprint() -> str:
     return h.hexdigest()[:10]
 
 
-def tiny_path(*, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
-    """The tiny model's directory for ``seed``, built on first use into ``cache_dir`` (default
+def tiny_path(*, seed: int = 0, cache_dir: str | Path | None = None, name: str = "tiny") -> Path:
+    """The tiny model ``name`` (``"tiny"``: Qwen2.5-VL; ``"tiny-qwen3-vl"``: Qwen3-VL, built by its family
+    module) for ``seed``, built on first use into ``cache_dir`` (default
     ``$RLCS_CACHE``, else ``~/.cache/rlcs_fast``). Safe when several processes (torchrun ranks) race:
     each builds in a private temporary directory and renames it into place; renaming is atomic, so the
     final directory, when it exists, is complete, and a loser of the race drops its copy."""
+    from .families import family_by_tiny_name
+
+    family = family_by_tiny_name(name)
+    if family is None:
+        raise ValueError(f"no tiny model named {name!r}")
     root = Path(cache_dir or os.environ.get("RLCS_CACHE") or Path.home() / ".cache" / "rlcs_fast")
-    final = root / f"tiny-v{TINY_VERSION}.{_fingerprint()}-s{seed}"
+    if name == "tiny":
+        final = root / f"tiny-v{TINY_VERSION}.{_fingerprint()}-s{seed}"
+    else:  # the other families' tiny models: their own parts, the shared tokenizer corpus
+        h = hashlib.sha256()
+        for part in (str(TINY_VERSION), *family.tiny_fingerprint_parts()):
+            h.update(part.encode())
+        h.update(CORPUS_PATH.read_bytes())
+        final = root / f"{name}-v{TINY_VERSION}.{h.hexdigest()[:10]}-s{seed}"
     if final.is_dir():
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        build_tiny(tmp, seed=seed)
+        family.build_tiny(tmp, seed=seed)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory once published
         try:
             os.rename(tmp, final)

@@ -279,3 +279,15 @@ def test_cpu_offload_trains_like_the_gpu_resident_model(tmp_path):
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
+
+
+def test_tiny_qwen3_vl_two_processes_match_one(tmp_path):
+    """The Qwen3-VL family under FSDP2 (its units: vision blocks and decoder layers; the DeepStack mergers
+    and position table in the root): 2 ranks give 1 rank's losses and gradient norms."""
+    qwen3 = ["--model.path", "tiny-qwen3-vl", "--data.min_pixels", "4096", "--data.max_pixels", "16384",
+             "--sft.steps", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(one, *qwen3, nproc=1)
+    train(two, *qwen3, nproc=2)
+    for key in KEYS:
+        assert_same(metrics(two, key), metrics(one, key), (1, 2), key)

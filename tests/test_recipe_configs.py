@@ -18,7 +18,8 @@ from rlcs_fast.config import load_config
 from rlcs_fast.plan import count_params, load_model_config, model_arch
 
 CONFIGS = Path(__file__).parent.parent / "configs"
-RECIPES = ["sft_3b", "sft_7b", "grpo_3b", "grpo_7b"]
+RECIPES = ["sft_3b", "sft_7b", "grpo_3b", "grpo_7b", "sft_qwen3vl_4b", "sft_qwen3vl_8b", "grpo_qwen3vl_4b",
+           "grpo_qwen3vl_8b"]
 
 # The released Qwen/Qwen2.5-VL-{3B,7B}-Instruct config.json values (legacy layout, as published).
 _VISION = {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
@@ -159,6 +160,64 @@ def test_dry_run_plans_a_7b_grpo_run_without_weights(tmp_path):
         assert line in out, line
     assert "AdamW states (2 x fp32, sharded)" in out and "vLLM KV cache" in out and "plan OK" in out
     assert not (tmp_path / "runs").exists(), "a dry run must not create the run directory"
+
+
+def qwen3_vl_dir(root: Path, size: str) -> Path:
+    from rlcs_fast.families.qwen3_vl import RELEASED as QWEN3_VL
+
+    d = root / f"qwen3_vl_{size}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(QWEN3_VL[size]))
+    return d
+
+
+@pytest.mark.parametrize("size", ["4b", "8b"])
+def test_qwen3_vl_recipe_carries_the_paper_values_over(size):
+    """Every recipe value of the Qwen2.5-VL configs carries over, except the model and the pixel bounds
+    (32-px merged tokens: the same 1536-token cap as the recipe's 1204224 pixels at 28 px)."""
+    ref = {"4b": "3b", "8b": "7b"}[size]
+    for stage in ("sft", "grpo"):
+        new = load_config(CONFIGS / f"{stage}_qwen3vl_{size}.toml")
+        old = load_config(CONFIGS / f"{stage}_{ref}.toml")
+        assert new.model.path == f"Qwen/Qwen3-VL-{size.upper()}-Instruct"
+        assert new.data.max_pixels == 1536 * 32 * 32 and old.data.max_pixels == 1536 * 28 * 28
+        for section in ("optim", "sft", "grpo", "reward", "rollout", "checkpoint"):
+            assert getattr(new, section) == getattr(old, section), section
+        same = {k: v for k, v in vars(new.data).items() if k not in ("min_pixels", "max_pixels")}
+        assert same == {k: v for k, v in vars(old.data).items() if k not in ("min_pixels", "max_pixels")}
+        assert new.model.freeze_vision == old.model.freeze_vision
+        assert new.run.stages == old.run.stages and new.run.seed == old.run.seed
+    assert load_config(CONFIGS / f"grpo_qwen3vl_{size}.toml").data.min_pixels == 262144
+
+
+@pytest.mark.parametrize("size, expected", [("2b", 2_127_532_032), ("4b", 4_437_815_808),
+                                            ("8b", 8_767_123_696)])
+def test_qwen3_vl_parameter_count_equals_the_built_model(tmp_path, size, expected):
+    """The planner's count of the released Qwen3-VL architectures equals transformers' model (meta device)
+    and the model cards' 2B / 4.44B / 8.77B."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    config = load_model_config(str(qwen3_vl_dir(tmp_path, size)))
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(config)
+    text, vision = count_params(config)
+    assert text + vision == sum(p.numel() for p in model.parameters()) == expected
+    assert vision == sum(p.numel() for p in model.model.visual.parameters())
+    arch = model_arch(config)
+    assert arch.merged_patch_pixels == 32 * 32 and arch.head_dim == 128 and arch.kv_heads == 8
+
+
+def test_qwen3_vl_8b_recipe_fits_8_gpus_of_80_gb(tmp_path):
+    from rlcs_fast.plan import build_plan
+
+    for stage in ("sft", "grpo"):
+        cfg = load_config(CONFIGS / f"{stage}_qwen3vl_8b.toml",
+                          {"model.path": str(qwen3_vl_dir(tmp_path, "8b")), "data.train": "synthetic",
+                           "data.val": "synthetic", "data.synthetic_train_size": 4,
+                           "data.synthetic_val_size": 2})
+        mem = build_plan(cfg, world=8, gpu_gib=80.0).memory[stage]
+        peak = "training peak (state + chosen activations)"
+        assert mem[8][peak] < 76 < mem[1][peak], (stage, mem[8][peak], mem[1][peak])
 
 
 def test_memory_plan_shards_state_over_ranks(tmp_path):

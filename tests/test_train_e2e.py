@@ -174,3 +174,19 @@ def test_config_error_exits_before_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+
+
+def test_tiny_qwen3_vl_runs_sft_then_grpo_and_exports_a_qwen3_vl(tmp_path):
+    """configs/tiny_qwen3_vl.toml end to end at small sizes: SFT then GRPO on the tiny Qwen3-VL (32-px
+    pre-resize, DeepStack, its processor), and the export loads as Qwen3-VL in transformers."""
+    from transformers import AutoConfig
+
+    run = tmp_path / "run"
+    cmd = train_cmd(run, "--sft.steps", "2", "--grpo.steps", "1", "--sft.val_generate", "false")
+    cmd[cmd.index(CONFIG)] = str(Path(CONFIG).with_name("tiny_qwen3_vl.toml"))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert set(rows(run, "sft", "train/loss")) == {1, 2} and set(rows(run, "grpo", "train/loss")) == {1}
+    assert "val/accuracy" in json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    config = AutoConfig.from_pretrained(run / "grpo" / "hf")
+    assert config.model_type == "qwen3_vl" and config.architectures == ["Qwen3VLForConditionalGeneration"]

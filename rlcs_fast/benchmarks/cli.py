@@ -36,8 +36,9 @@ def per_bench(values: list[str], benches: list[str], flag: str) -> dict[str, str
 
 
 def resolve_model(model: str) -> str:
-    """A model directory, ``tiny``, or a hub id (``Qwen/Qwen2.5-VL-7B-Instruct``, the base model) resolved to
-    its local snapshot directory, the one directory the processor, the engine and the settings read."""
+    """A model directory, ``tiny`` / ``tiny-qwen3-vl``, or a hub id (``Qwen/Qwen2.5-VL-7B-Instruct``, the
+    base model) resolved to its local snapshot directory, the one directory the processor, the engine and
+    the settings read."""
     from ..eval_model import resolve_eval_model
 
     return resolve_eval_model(model)

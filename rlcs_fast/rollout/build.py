@@ -17,8 +17,10 @@ log = logging.getLogger("rlcs_fast")
 def banned_token_ids(model_config) -> tuple[int, ...]:
     """Vision placeholders, never sampled: a response holding one would break the image-token count of
     the training forward (and open an image no request carries)."""
-    c = model_config
-    return (c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id)
+    from ..families import family_for
+
+    ids = family_for(model_config).token_ids(model_config)
+    return (ids["image"], ids["video"], ids["vision_start"], ids["vision_end"])
 
 
 def engine_kind(kind: str, device: torch.device) -> str:

@@ -7,19 +7,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import AutoConfig, PreTrainedModel
 
+from ..families import family_for
 from .engine import Completion, Request, SamplingParams
 
 
 class HFEngine:
-    def __init__(self, model_path: str | Qwen2_5_VLForConditionalGeneration, *, device: torch.device,
+    def __init__(self, model_path: str | PreTrainedModel, *, device: torch.device,
                  batch_size: int, eos_token_id: int, pad_token_id: int):
         self.device = torch.device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         if isinstance(model_path, str):
-            model_path = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                model_path, dtype=dtype, attn_implementation="sdpa")
+            config = AutoConfig.from_pretrained(model_path)
+            model_path = family_for(config).model_class().from_pretrained(
+                model_path, config=config, dtype=dtype, attn_implementation="sdpa")
         # an already built model (the profiler's random-weight 3B/7B) is taken over as it is
         self.model = model_path.to(self.device, dtype).eval()
         self.model.generation_config.cache_implementation = None

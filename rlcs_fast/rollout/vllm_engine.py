@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..families import family_for
 from .engine import Completion, Request, SamplingParams
 
 log = logging.getLogger("rlcs_fast")
@@ -232,7 +233,9 @@ class VLLMEngine:
             raise ValueError("VLLMEngine needs a local model directory with config.json, got "
                              f"{model_path!r}: resolve a hub id with rlcs_fast.hub.resolve_model_path first")
         hf = json.loads((Path(model_path) / "config.json").read_text())
-        self.image_token_id: int | None = hf.get("image_token_id")
+        # the family's vision token ids, read from config.json (both Qwen families: <|image_pad|> 151655)
+        self.image_token_id: int | None = (family_for(hf).token_ids(hf)["image"] if "vision_config" in hf
+                                           else None)
         self.eos_token_id = eos_token_id
         self.tensor_parallel_size = tensor_parallel_size
         self.sleep_level = sleep_level

@@ -1,5 +1,7 @@
-"""`VLLMEngine` with images on a real vLLM (the CPU build) and the tiny Qwen2.5-VL, as the trainer drives
-it: dummy load, then the policy's weights pushed through `load_weights`, twice with different weights.
+"""`VLLMEngine` with images on a real vLLM (the CPU build) and each family's tiny model (Qwen2.5-VL, and
+Qwen3-VL with its DeepStack, interleaved mrope, patch 16 and mean/std 0.5 normalisation), as the trainer
+drives it: dummy load, then the policy's weights pushed through `load_weights`, twice with different
+weights.
 
 What it proves: for one image, two images of different sizes and text only, the engine's greedy tokens
 equal `HFEngine`'s and its log-probs equal transformers' on the same weights (< 1e-4), after each push
@@ -21,16 +23,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from rlcs_fast.families import family_by_tiny_name  # noqa: E402
 from rlcs_fast.rollout.engine import SamplingParams  # noqa: E402
 from rlcs_fast.rollout.hf_engine import HFEngine  # noqa: E402
 from rlcs_fast.rollout.vllm_engine import VLLMEngine  # noqa: E402
-from rlcs_fast.tiny import SPECIAL_IDS, build_model, build_processor, build_tiny  # noqa: E402
+from rlcs_fast.tiny import SPECIAL_IDS  # noqa: E402
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the machine is shared
 
 EOS, PAD = SPECIAL_IDS["<|im_end|>"], SPECIAL_IDS["<|endoftext|>"]
-PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)  # configs/tiny.toml's data.min/max_pixels
 VISION = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 BANNED = tuple(SPECIAL_IDS[t] for t in VISION)
 MAX_NEW = 8
@@ -50,24 +52,30 @@ class Req:
 
 
 def image(w: int, h: int, seed: int) -> Image.Image:
-    """Noise at a size that is already a multiple of 28 within the pixel bounds (pre-resized, as data.py)."""
+    """Noise at a size that is already a multiple of the family's factor within the pixel bounds
+    (pre-resized, as data.py)."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    path = str(build_tiny(tmp_path_factory.mktemp("tiny_vl"), seed=0))
-    processor = build_processor(**PIXELS)
-    small, wide, tall = image(56, 56, 1), image(112, 56, 2), image(56, 84, 3)
+@pytest.fixture(scope="module", params=["tiny", "tiny-qwen3-vl"])
+def setup(request, tmp_path_factory):
+    family = family_by_tiny_name(request.param)
+    factor = family.image_factor(family.tiny_config().vision_config)  # 28 (Qwen2.5-VL) or 32 (Qwen3-VL)
+    pixels = dict(min_pixels=factor * factor * 4, max_pixels=factor * factor * 16)  # the tiny configs' bounds
+    path = str(family.build_tiny(tmp_path_factory.mktemp(request.param), seed=0))
+    processor = family.build_processor(**pixels)
+    small, wide, tall = (image(2 * factor, 2 * factor, 1), image(4 * factor, 2 * factor, 2),
+                         image(2 * factor, 3 * factor, 3))
     requests = [Req(processor, "how many red dots?", [small]),
                 Req(processor, "compare the two boards", [wide, tall]),  # two images, different sizes
                 Req(processor, "seven plus five is", [])]
     engine = VLLMEngine(path, gpu_memory_utilization=0.3, max_model_len=512, max_num_batched_tokens=512,
                         enforce_eager=True, max_num_seqs=8, eos_token_id=EOS, seed=0, load_format="dummy",
-                        max_images_per_prompt=2, **PIXELS)
+                        max_images_per_prompt=2, **pixels)
     hf = HFEngine(path, device=torch.device("cpu"), batch_size=4, eos_token_id=EOS, pad_token_id=PAD)
-    return engine, hf, requests
+    yield family, engine, hf, requests
+    del engine  # one vLLM engine at a time in this process
 
 
 def push(engine, model: torch.nn.Module) -> None:
@@ -90,14 +98,14 @@ def transformers_logprobs(model, req: Req, response: list[int], temperature: flo
 
 
 def test_images_after_weight_pushes_match_transformers(setup):
-    engine, hf, requests = setup
+    family, engine, hf, requests = setup
     assert engine.input_norm_layers == 0  # pixels normalised on the host, as the trainer's processor does
     greedy = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=True, banned_token_ids=BANNED)
     sampled = SamplingParams(n=2, temperature=1.0, max_tokens=MAX_NEW, seed=11, logprobs=True,
                              banned_token_ids=BANNED)
     seen = []
     for seed in (1, 2):  # two pushes of different weights; the same images both times
-        model = build_model(seed=seed).eval()
+        model = family.build_model(seed=seed).eval()
         push(engine, model)
         hf.load_weights(model.state_dict().items())
         got = engine.generate(requests, greedy)
@@ -119,8 +127,8 @@ def test_images_after_weight_pushes_match_transformers(setup):
 
 
 def test_banned_vision_tokens_never_sampled(setup):
-    engine, _, requests = setup
-    model = build_model(seed=3).eval()
+    family, engine, _, requests = setup
+    model = family.build_model(seed=3).eval()
     text = requests[2].prompt_ids[None]  # no vision tokens: its hidden states ignore the edit below
     with torch.no_grad():  # make the vision placeholders the likeliest first token of the text prompt
         logits = model(input_ids=text, attention_mask=torch.ones_like(text)).logits[0, -1]
