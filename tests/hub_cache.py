@@ -32,9 +32,18 @@ def qwen2_5_vl_tiny(out: Path, *, tied: bool, seed: int = 0) -> Path:
     return out
 
 
+def qwen3_vl_tiny(out: Path, *, tied: bool, seed: int = 0) -> Path:
+    """The family's stand-in for the released 4B (tied) or 8B (untied) config: real token ids and
+    vocabulary, tiny weights, the released processor files."""
+    from rlcs_fast.families import build_stand_in
+    from rlcs_fast.families.qwen3_vl import RELEASED
+
+    return build_stand_in(RELEASED["4b" if tied else "8b"], out, seed=seed)
+
+
 # the family of a hub id (by its name) → the tiny model of that family; a family a shipped config names
 # without an entry here stops the rehearsal with that name (add its tiny builder here)
-FAMILIES: dict[str, Callable[..., Path]] = {"Qwen2.5-VL": qwen2_5_vl_tiny}
+FAMILIES: dict[str, Callable[..., Path]] = {"Qwen2.5-VL": qwen2_5_vl_tiny, "Qwen3-VL": qwen3_vl_tiny}
 
 
 def tiny_for(repo_id: str) -> tuple[Callable[..., Path], bool]:
