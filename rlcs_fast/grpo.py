@@ -13,12 +13,13 @@ Everything per token lives on packed sequences. The advantage math is :mod:`rlcs
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from . import dist
+from . import dist, rollout_correction
 from .advantages import dynamic_sampling_mask, group_advantages, overlong_penalty
 from .checkpointer import Checkpointer
 from .data import SkipCounter
@@ -45,10 +46,18 @@ class Rollout:
     # [R] the old policy at T = 1 when the rollout temperature is not 1: engines report raw log-probs
     # (before temperature, top-p and bans), so rollout/logprob_diff compares the same distribution
     raw_logprobs: torch.Tensor | None = None
+    # [R] rollout correction (grpo.rollout_correction / rollout_rejection): the factor of each token's
+    # policy-gradient term, and False where rejected (out of the loss and its normaliser)
+    is_weights: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
 
     @property
     def response_len(self) -> int:
         return int(self.sample.target_mask.sum())
+
+    @property
+    def loss_tokens(self) -> int:
+        return self.response_len if self.keep is None else int(self.keep.sum())
 
 
 def build_rollouts(prompts: list, completions: list[Completion], advantages: torch.Tensor,
@@ -135,9 +144,73 @@ def grpo_head(grpo, targets, old, adv, mask, ref, seq_ids, norm_len, num_seqs: i
             clip_low=grpo.clip_low, clip_high=grpo.clip_high, clip_dual=grpo.clip_dual or None,
             kl_coef=grpo.kl_coef,
             kl_type=grpo.kl_type, agg=grpo.agg, norm_len=norm_len, seq_ids=seq_ids, num_seqs=num_seqs,
-            with_entropy=True, impl=impl, logprobs_out=lp_out)
+            with_entropy=True, impl=impl, logprobs_out=lp_out, loss=grpo.loss)
 
     return head
+
+
+# --- rollout correction ------------------------------------------------------------------------------------
+
+def trainer_vs_engine(r: Rollout) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(the old policy's, the engine's) log-probs at T = 1 of a rollout's first tokens (as many as both
+    have), or None when either is missing. Engines report raw log-probs: both sides are the same
+    distribution whatever the sampling temperature."""
+    if r.engine_logprobs is None or r.old_logprobs is None:
+        return None
+    trainer = r.raw_logprobs if r.raw_logprobs is not None else r.old_logprobs
+    engine = torch.tensor(r.engine_logprobs[: r.response_len], dtype=torch.float32)
+    return trainer[: engine.numel()].float(), engine
+
+
+def correct_rollouts(ctx: StageContext, rollouts: list[Rollout], *, apply: bool) -> dict[str, float]:
+    """``rollout_correction.weights`` on the step's rollouts: with ``apply``, each rollout's ``is_weights``
+    and ``keep``; always, the ``rollout_corr/*`` metrics over all ranks' response tokens."""
+    grpo = ctx.cfg.grpo
+    pairs = [trainer_vs_engine(r) for r in rollouts]
+    if apply and any(p is None for p in pairs):
+        raise RuntimeError("grpo.rollout_correction / rollout_rejection need the engine's log-probs: the "
+                           f"{ctx.cfg.rollout.engine!r} engine returned none for some responses")
+    width = max([r.response_len for r in rollouts], default=0)
+    old = torch.zeros(len(rollouts), width)  # [B, T] the responses padded; mask: where both log-probs are
+    engine = torch.zeros(len(rollouts), width)
+    mask = torch.zeros(len(rollouts), width, dtype=torch.bool)
+    for i, pair in enumerate(pairs):
+        if pair is not None:
+            n = pair[1].numel()
+            old[i, :n], engine[i, :n], mask[i, :n] = pair[0], pair[1], True
+    clip_min, clip_max = grpo.rollout_correction_clip
+    w, keep, m = rollout_correction.weights(
+        old, engine, mask, mode=grpo.rollout_correction, clip_min=clip_min, clip_max=clip_max,
+        rejection=grpo.rollout_rejection or None, rejection_threshold=grpo.rollout_rejection_threshold)
+    if apply:
+        for i, r in enumerate(rollouts):
+            n = r.response_len  # tokens without an engine log-prob (none expected) stay in, weight as TRL's
+            r.is_weights, r.keep = w[i, :n].clone(), (keep[i, :n] | ~mask[i, :n])
+    # global over ranks: token means weighted by tokens, the sequence fraction by rows, extremes by max
+    key, means = "rollout_corr/{}".format, ("kl_k1", "kl_k3", "ratio_mean", "masked_token_fraction")
+    n_tok, rows = float(mask.sum()), float(len(rollouts))
+    sums = dist.reduce_sums({"n": n_tok, "rows": rows, **{k: m[key(k)] * n_tok for k in means},
+                             "masked_seq_fraction": m[key("masked_seq_fraction")] * rows})
+    ext = dist.reduce_sums({"ratio_max": m[key("ratio_max")] if n_tok else -math.inf,
+                            "neg_ratio_min": -m[key("ratio_min")] if n_tok else -math.inf}, "max")
+    out = {key(k): sums[k] / sums["n"] if sums["n"] else 0.0 for k in means}
+    out[key("masked_seq_fraction")] = sums["masked_seq_fraction"] / max(sums["rows"], 1.0)
+    out[key("ratio_max")] = ext["ratio_max"] if sums["n"] else 0.0
+    out[key("ratio_min")] = -ext["neg_ratio_min"] if sums["n"] else 0.0
+    return out
+
+
+def corrected_tokens(real: list[Rollout], adv: torch.Tensor, n_tok: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(advantages times the rollout-correction weights, loss mask without the rejected tokens, tokens in
+    the loss) of a micro-batch's packed response tokens [N]. The weights are ≥ 0, and every policy loss
+    here is positively homogeneous in the advantage (max(-cA·r, -cA·clip(r)) = c·max(...)): scaling the
+    advantage scales the policy-gradient term alone, not the KL, as verl's rollout_is_weights do."""
+    if not real or real[0].keep is None:
+        return adv, torch.ones(n_tok, dtype=torch.bool, device=device), n_tok
+    keep = torch.cat([r.keep for r in real])
+    weights = torch.cat([r.is_weights for r in real]).to(device)
+    return adv * weights, keep.to(device), int(keep.sum())
 
 
 def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, *, with_ref: bool,
@@ -148,7 +221,7 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, *, with_ref: 
     into ``old_logprobs`` afterwards) and no separate old-policy forward runs. ``finite`` in the result:
     False when the loss or gradient norm was NaN/inf on some rank, and the step was not applied."""
     grpo = ctx.cfg.grpo
-    totals = dist.reduce_sums({"tokens": sum(r.response_len for r in rollouts), "seqs": len(rollouts)})
+    totals = dist.reduce_sums({"tokens": sum(r.loss_tokens for r in rollouts), "seqs": len(rollouts)})
     filler = dummy_image_sample(ctx.model_config)
     micro, n_real = plan_step(list(range(len(rollouts))), [r.sample.input_ids.numel() for r in rollouts],
                               grpo.max_tokens_per_microbatch, -1)
@@ -168,7 +241,7 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, *, with_ref: 
         else:  # the zero-loss filler: same collectives as the other ranks, no gradient
             old = adv = torch.zeros(n_tok, device=ctx.device)
             ref = torch.zeros(n_tok, device=ctx.device) if with_ref else None
-        mask = torch.ones(n_tok, dtype=torch.bool, device=ctx.device)
+        adv, mask, n_tok = corrected_tokens(real, adv, n_tok, ctx.device)
         # the aggregation's denominators are those of the whole mini-batch on all ranks; FSDP2 averages
         # gradients over ranks, so `world` undoes that; a repeated (padding) micro-batch counts 0
         scale = ctx.world * (0.0 if i >= n_real else 1.0)
@@ -215,6 +288,7 @@ class StepPlan:
     with_ref: bool  # a KL term: reference log-probs
     on_policy: bool  # one update per rollout batch: the old log-probs are the update's own (detached)
     with_raw: bool  # rollout temperature != 1: old log-probs at T = 1 too (engines report those)
+    correct: bool = False  # rollout correction or rejection: the old log-probs before the first update
 
 
 @dataclass
@@ -284,7 +358,7 @@ def fill_logprobs(ctx: StageContext, rollouts: list[Rollout], ref_policy, plan: 
     grpo = ctx.cfg.grpo
     budget, temperature = grpo.max_tokens_per_microbatch, grpo.temperature
     with timer("time/old"):
-        if not plan.on_policy:
+        if not plan.on_policy or plan.correct:
             old = compute_logprobs(ctx.policy, rollouts, ctx=ctx, max_tokens=budget, temperature=temperature,
                                    with_raw=plan.with_raw)
             for r, logprobs in zip(rollouts, old):
@@ -361,7 +435,8 @@ def run_grpo(ctx: StageContext) -> None:
                           n=grpo.val_n)
     start = checkpointer.resume()
     plan = StepPlan(with_ref=grpo.kl_coef > 0, on_policy=updates_per_step == 1,
-                    with_raw=grpo.temperature != 1.0)
+                    with_raw=grpo.temperature != 1.0,
+                    correct=grpo.rollout_correction != "none" or bool(grpo.rollout_rejection))
     ref_policy = ctx.reference_policy() if plan.with_ref else None
     log.info("grpo: %d steps, %d prompts x %d responses, %d update(s) per step, kl_coef %g%s, from step %d",
              grpo.steps, grpo.rollout_batch_size, grpo.n, updates_per_step, grpo.kl_coef,
@@ -378,12 +453,15 @@ def run_grpo(ctx: StageContext) -> None:
         with timer("time/reward"):
             scored = score(ctx, prompts, generated.completions, guard, step)
         fill_logprobs(ctx, scored.rollouts, ref_policy, plan, timer)
+        corr = correct_rollouts(ctx, scored.rollouts, apply=True) if plan.correct else None
         train_stats = train(ctx, scored, opt, sched, plan, guard, step, timer)
+        if corr is None:  # the mismatch metrics all the same (on-policy, from the update's own log-probs)
+            corr = correct_rollouts(ctx, scored.rollouts, apply=False)
         # the next step's sync pushes the new weights to the engine
         tokens = dist.reduce_sums({"tokens": sum(r.sample.input_ids.numel() for r
                                                  in scored.rollouts)})["tokens"]
         dt = time.perf_counter() - t0
-        row = {**rollout_metrics(ctx, generated, scored, len(prompts)), **train_stats,
+        row = {**rollout_metrics(ctx, generated, scored, len(prompts)), **corr, **train_stats,
                "train/skipped_steps": guard.skipped, **skips.metrics(), **timer.times,
                **generated.engine_memory, "perf/tokens_per_s": tokens / dt, "time/step": dt,
                "mem/peak_gb": peak_memory_gb(ctx.device)}
