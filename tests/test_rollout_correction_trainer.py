@@ -5,6 +5,7 @@ numbers) nothing is masked."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -15,12 +16,38 @@ import torch
 from test_grpo_update import _ctx, _rollouts, _step_grads
 
 from rlcs_fast import train
-from rlcs_fast.config import load_config
+from rlcs_fast.config import LOSS_DEFAULTS, ConfigError, load_config
 from rlcs_fast.grpo import Rollout, compute_logprobs, correct_rollouts
 from rlcs_fast.packing import Sample
 from rlcs_fast.rollout_correction import METRIC_KEYS, weights
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.toml"
+
+
+def test_config_keys_and_errors_naming_them():
+    kernel = importlib.import_module("rlcs_fast.kernels.grpo_loss")  # the package exports the function
+    assert LOSS_DEFAULTS == kernel.LOSS_DEFAULTS  # the config's copy (it imports no torch) stays in step
+    g = load_config(TINY).grpo
+    assert (g.loss, g.clip_low, g.clip_high, g.agg, g.rollout_correction) == ("grpo", 0.2, 0.2, "token_mean",
+                                                                             "none")
+    g = load_config(TINY, {"grpo.loss": "gspo"}).grpo
+    assert (g.clip_low, g.clip_high, g.agg) == (3e-4, 4e-4, "seq_mean_token_mean")
+    g = load_config(TINY, {"grpo.loss": "gspo", "grpo.clip_low": 0.1, "grpo.agg": "token_mean"}).grpo
+    assert (g.clip_low, g.clip_high, g.agg) == (0.1, 4e-4, "token_mean")  # what is set stays
+    bad = [({"grpo.loss": "dapo"}, "`grpo.loss`"),
+           ({"grpo.rollout_correction": "sequence"}, "`grpo.rollout_correction`"),
+           ({"grpo.rollout_correction_clip": [2.0, 1.0]}, "`grpo.rollout_correction_clip`"),
+           ({"grpo.rollout_correction_clip": [3.0]}, "`grpo.rollout_correction_clip`"),
+           ({"grpo.rollout_rejection": "seq_k9", "grpo.rollout_rejection_threshold": 2.0},
+            "`grpo.rollout_rejection`"),
+           ({"grpo.rollout_rejection": "token_k1"}, "`grpo.rollout_rejection_threshold`"),
+           ({"grpo.rollout_rejection": "token_k2", "grpo.rollout_rejection_threshold": "0.5_2"},
+            "`grpo.rollout_rejection_threshold`"),
+           ({"grpo.rollout_rejection_threshold": 2.0}, "`grpo.rollout_rejection_threshold`"),
+           ({"grpo.loss": "gspo", "grpo.clip_dual": 3.0}, "`grpo.clip_dual`")]
+    for overrides, key in bad:
+        with pytest.raises(ConfigError, match=key):
+            load_config(TINY, overrides)
 
 
 def _fake_rollouts(seed: int, lengths=(4, 1, 7, 3, 5)) -> list[Rollout]:
