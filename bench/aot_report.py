@@ -79,8 +79,8 @@ def _kernels() -> list[dict]:
     mm_dw = dict(a_ptr=bf, b_ptr=bf, c_ptr=f32, M=V, N=H, K=N, M_BUCKET=bucket(V), K_BUCKET=bucket(N),
                  stride_am=1, stride_ak=V, stride_bk=H, stride_bn=1, stride_cm=H, stride_cn=1)  # fmt: skip
     grpo_args = dict(lp_ptr=f32, old_ptr=f32, adv_ptr=f32, mask_ptr=u8, w_ptr=f32, ref_ptr=f32, grad_ptr=f32,
-                     part_ptr=f32, N=N, num_programs=2, clip_low=0.2, clip_high=0.2, clip_dual=3.0,
-                     kl_coef=0.01)  # fmt: skip
+                     part_ptr=f32, slr_ptr=f32, N=N, num_programs=2, clip_low=0.2, clip_high=0.2,
+                     clip_dual=3.0, kl_coef=0.01)  # fmt: skip
     dot = {"UPCAST": False, "INPUT_PRECISION": "tf32"}
 
     def cfgs(configs):
@@ -113,7 +113,9 @@ def _kernels() -> list[dict]:
         {"name": "matmul(dW += dl^T @ h)", "fn": _common._matmul_kernel, "args": mm_dw, "dot": True,
          "const": {"ACCUMULATE": True, **dot}, "configs": cfgs(_common.matmul_configs(True))},
         {"name": "grpo(dual, low_var_kl)", "fn": gl._grpo_kernel, "args": grpo_args, "dot": False,
-         "const": {"HAS_REF": True, "DUAL_CLIP": True, "KL_TYPE": 3}, "configs": grpo_cfg},
+         "const": {"HAS_REF": True, "DUAL_CLIP": True, "KL_TYPE": 3, "GSPO": False}, "configs": grpo_cfg},
+        {"name": "grpo(gspo, low_var_kl)", "fn": gl._grpo_kernel, "args": grpo_args, "dot": False,
+         "const": {"HAS_REF": True, "DUAL_CLIP": False, "KL_TYPE": 3, "GSPO": True}, "configs": grpo_cfg},
     ]  # fmt: skip
 
 

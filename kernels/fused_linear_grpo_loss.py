@@ -17,6 +17,10 @@ log_softmax over [chunk, V], torch.func gradients, and two more GEMMs) this save
 round trips and the autograd graph per chunk; speed and peak memory are to be measured in ``bench/`` at
 N=16384, H=3584, V=151936 (target: within 1.5x of the 6·N·H·V floor, peak extra memory ≤ Liger's).
 Its values and gradients equal ``grpo_loss(fused_linear_logprob(...), ...)``.
+
+GSPO (``loss="gspo"``) needs each sequence's mean log-ratio before any token's gradient: off-policy, a
+no-grad ``fused_linear_logprob`` pass over all tokens gives it first (8·N·H·V in all); on-policy
+(``old_logprobs=None``) it is 0 and the single pass stands.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ._common import (
 )
 from .fused_linear_logprob import (
     check_raw_out,
+    fused_linear_logprob,
     torch_dlogits,
     torch_stats_chunk,
     triton_dlogits,
@@ -45,6 +50,7 @@ from .grpo_loss import (
     GRPOOptions,
     finish_stats,
     reduce_partials,
+    seq_log_ratio,
     token_weights,
     torch_stat_sums,
     torch_token_terms,
@@ -52,12 +58,12 @@ from .grpo_loss import (
 )
 
 
-def _torch_terms(lp, old, adv, mask, w, ref, opts):
+def _torch_terms(lp, old, adv, mask, w, ref, opts, slr=None):
     """(dloss/dlp, stat sums) of a chunk through autograd on verl's torch formulas."""
     lp = lp.detach().requires_grad_()
     with torch.enable_grad():
         ref = None if ref is None else ref.to(lp.dtype)
-        terms = torch_token_terms(lp, old.to(lp.dtype), adv.to(lp.dtype), ref, opts)
+        terms = torch_token_terms(lp, old.to(lp.dtype), adv.to(lp.dtype), ref, opts, slr)
         valid = mask != 0
         loss = (torch.where(valid, terms["loss"], 0.0) * w).sum()
         (grad,) = torch.autograd.grad(loss, lp)
@@ -68,7 +74,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, hidden, weight, targets, old, adv, mask, ref, w, opts, inv_temp, with_entropy, via_triton, chunk,
-        lp_out, raw_out,
+        lp_out, raw_out, slr=None,
     ):  # fmt: skip
         N, V = hidden.shape[0], weight.shape[0]
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -86,12 +92,14 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
             h_c, t_c, n_c = hidden[sl], targets[sl], min(chunk, N - c0)
             ref_c = None if ref is None else ref[sl]
             raw_c = None if raw_out is None else raw_out[sl]
+            slr_c = None if slr is None else slr[sl]
             if via_triton:
                 logits = logits_buf[:n_c]
                 lse, zt, ent = triton_stats(h_c, weight, t_c, inv_temp, with_entropy, logits_out=logits,
                                             raw_logprobs_out=raw_c)  # fmt: skip
                 lp = zt - lse
-                g, s = triton_terms(lp, lp if old is None else old[sl], adv[sl], mask[sl], w[sl], ref_c, opts)
+                g, s = triton_terms(lp, lp if old is None else old[sl], adv[sl], mask[sl], w[sl], ref_c, opts,
+                                    slr_c)
                 if need_dh or need_dw:
                     dl = triton_dlogits(h_c, weight, t_c, lse, None, g, None, inv_temp, dl_buf[:n_c],
                                         logits=logits)  # fmt: skip
@@ -100,7 +108,7 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
                 # The same float32 log-prob the unfused op returns, so both paths agree bit for bit upstream.
                 lp = (zt - lse).float().to(z.dtype)
                 old_c = lp if old is None else old[sl]
-                g, s = _torch_terms(lp, old_c, adv[sl], mask[sl], w[sl].to(z.dtype), ref_c, opts)
+                g, s = _torch_terms(lp, old_c, adv[sl], mask[sl], w[sl].to(z.dtype), ref_c, opts, slr_c)
                 dl = torch_dlogits(z, t_c, lse, ent, g, None, inv_temp)
             if need_dh or need_dw:
                 linear_backward_chunk(dl, h_c, weight, dh[sl] if need_dh else None, dw, first=i == 0,
@@ -121,7 +129,23 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         dh = None if dh is None else dh * g_loss.to(dh.dtype)
         dw = None if dw is None else dw * g_loss.to(dw.dtype)
-        return (dh, dw) + (None,) * 13
+        return (dh, dw) + (None,) * 14
+
+
+def _gspo_seq_log_ratio(hidden, weight, targets, old_logprobs, mask, seq_ids, num_seqs, opts: GRPOOptions, *,
+                        temperature: float, chunk: int, via_triton: bool) -> torch.Tensor | None:
+    """GSPO's per-token log sequence ratio [N] (None for GRPO): zeros on-policy, else from a no-grad pass
+    of the log-probs the fused forward will recompute (the same kernels, so the same values)."""
+    if opts.loss != "gspo":
+        return None
+    if seq_ids is None:
+        raise ValueError("loss='gspo' on packed [N] tokens needs seq_ids")
+    if old_logprobs is None:
+        return torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+    with torch.no_grad():
+        lp = fused_linear_logprob(hidden.detach(), weight.detach(), targets, temperature=temperature,
+                                  chunk_size=chunk, impl="triton" if via_triton else "torch")
+    return seq_log_ratio(lp, old_logprobs, mask, seq_ids=seq_ids, num_seqs=num_seqs)
 
 
 def _fused_linear_grpo_loss(
@@ -166,12 +190,14 @@ def _fused_linear_grpo_loss(
     raw_in_kernel = raw_logprobs_out if float(temperature) != 1.0 else None
     if raw_logprobs_out is not None and raw_in_kernel is None and logprobs_out is None:
         logprobs_out = torch.empty_like(raw_logprobs_out)
+    slr = _gspo_seq_log_ratio(hidden, weight, targets, old_logprobs, mask, seq_ids, num_seqs, opts,
+                              temperature=temperature, chunk=chunk, via_triton=via_triton)
     if via_triton:
         hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     loss, sums, ent = _FusedLinearGRPOLoss.apply(
         hidden, weight, targets, prep(old_logprobs), prep(advantages), prep(mask, torch.uint8),
         prep(ref_logprobs), w, opts, 1.0 / float(temperature), with_entropy, via_triton, chunk, logprobs_out,
-        raw_in_kernel,
+        raw_in_kernel, slr,
     )  # fmt: skip
     if raw_logprobs_out is not None and raw_in_kernel is None:
         raw_logprobs_out.copy_(logprobs_out)
@@ -191,12 +217,12 @@ def fused_linear_grpo_loss(
     *,
     ref_logprobs: torch.Tensor | None = None,
     temperature: float = 1.0,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
     clip_dual: float | None = None,
     kl_coef: float = 0.0,
     kl_type: str = "low_var_kl",
-    agg: str = "token_mean",
+    agg: str | None = None,
     norm_len: float | None = None,
     seq_ids: torch.Tensor | None = None,
     num_seqs: int | None = None,
@@ -205,6 +231,7 @@ def fused_linear_grpo_loss(
     impl: str = "auto",
     logprobs_out: torch.Tensor | None = None,
     raw_logprobs_out: torch.Tensor | None = None,
+    loss: str = "grpo",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``grpo_loss(fused_linear_logprob(hidden, weight, targets, temperature=...), ...)`` as one op.
 
@@ -220,8 +247,8 @@ def fused_linear_grpo_loss(
     vocabulary: no second lm-head GEMM.
     """
     via_triton = use_triton(impl, hidden, weight)
-    opts = GRPOOptions(clip_low=clip_low, clip_high=clip_high, clip_dual=clip_dual, kl_coef=kl_coef,
-                       kl_type=kl_type, agg=agg, norm_len=norm_len)  # fmt: skip
+    opts = GRPOOptions.for_loss(loss, clip_low=clip_low, clip_high=clip_high, agg=agg, clip_dual=clip_dual,
+                                kl_coef=kl_coef, kl_type=kl_type, norm_len=norm_len)  # fmt: skip
     return _fused_linear_grpo_loss(
         hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs, seq_ids, num_seqs, opts,
         temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size, logprobs_out=logprobs_out,

@@ -27,6 +27,13 @@ import triton.language as tl
 from ._common import INTERPRET, INTERPRET_BLOCKS, use_triton
 
 AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+LOSSES = ("grpo", "gspo")
+# The defaults per loss: verl's clip ratios (GSPO: 3e-4 / 4e-4, the paper's) and aggregations (GSPO
+# aggregates seq-mean-token-mean, as verl's compute_policy_loss_gspo forces)
+LOSS_DEFAULTS = {"grpo": {"clip_low": 0.2, "clip_high": 0.2, "agg": "token_mean"},
+                 "gspo": {"clip_low": 3e-4, "clip_high": 4e-4, "agg": "seq_mean_token_mean"}}
+# verl clamps GSPO's sequence log-ratio from above only, at 10
+GSPO_LOG_RATIO_MAX = 10.0
 KL_TYPES = ("kl", "abs", "mse", "low_var_kl")
 # Per-token statistics, summed over valid tokens (ratio_min / ratio_max: extremes), in the row order of the
 # kernel's partials; STAT maps a name to its row.
@@ -47,8 +54,24 @@ class GRPOOptions:
     kl_type: str = "low_var_kl"
     agg: str = "token_mean"
     norm_len: float | None = None
+    loss: str = "grpo"
+
+    @classmethod
+    def for_loss(cls, loss: str, *, clip_low: float | None, clip_high: float | None, agg: str | None,
+                 **options: Any) -> GRPOOptions:
+        """Options with ``None`` clip ratios / aggregation resolved to ``loss``'s defaults."""
+        if loss not in LOSSES:
+            raise ValueError(f"loss={loss!r}: expected one of {LOSSES}")
+        d = LOSS_DEFAULTS[loss]
+        return cls(clip_low=d["clip_low"] if clip_low is None else clip_low,
+                   clip_high=d["clip_high"] if clip_high is None else clip_high,
+                   agg=d["agg"] if agg is None else agg, loss=loss, **options)
 
     def validate(self, has_ref: bool) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}: expected one of {LOSSES}")
+        if self.loss == "gspo" and self.clip_dual is not None:
+            raise ValueError("clip_dual is a token-level GRPO option: verl's GSPO has no dual clip")
         if self.kl_type not in KL_TYPES:
             raise ValueError(f"kl_type={self.kl_type!r}: expected one of {KL_TYPES}")
         if self.clip_dual is not None and self.clip_dual <= 1.0:
@@ -99,6 +122,31 @@ def token_weights(
     return m / (n_seq * counts.clamp(min=1.0)[seq_ids.long()])
 
 
+def seq_log_ratio(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    seq_ids: torch.Tensor | None = None,
+    num_seqs: int | None = None,
+) -> torch.Tensor:
+    """GSPO's log sequence ratio, per token (detached): the mean over the token's sequence of
+    ``logprobs - old_logprobs`` on masked-in tokens (0 for a sequence without any), as verl's
+    ``compute_policy_loss_gspo``. [B, T] rows are sequences; packed [N] needs ``seq_ids``."""
+    ct = torch.promote_types(torch.promote_types(logprobs.dtype, old_logprobs.dtype), torch.float32)
+    diff = torch.where(mask != 0, logprobs.detach().to(ct) - old_logprobs.to(ct), 0.0)
+    m = (mask != 0).to(diff.dtype)
+    if diff.dim() == 2:
+        return (diff.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)).expand_as(diff)
+    if seq_ids is None:
+        raise ValueError("loss='gspo' on packed [N] tokens needs seq_ids")
+    ids = seq_ids.long()
+    n_seq = int(ids.max().item()) + 1 if num_seqs is None else num_seqs
+    sums = torch.zeros(n_seq, device=diff.device, dtype=diff.dtype).index_add_(0, ids, diff)
+    counts = torch.zeros(n_seq, device=diff.device, dtype=diff.dtype).index_add_(0, ids, m)
+    return (sums / counts.clamp(min=1.0))[ids]
+
+
 # -------------------------------------------------------------------------------------------------- kernel
 # Memory-bound and tiny next to the lm_head GEMMs: one fixed config, no autotuning (which would also make
 # the number of per-program partials depend on the chosen block).
@@ -107,9 +155,10 @@ GRPO_BLOCK_T, GRPO_NUM_WARPS = 1024, 4
 
 @triton.jit
 def _grpo_kernel(
-    lp_ptr, old_ptr, adv_ptr, mask_ptr, w_ptr, ref_ptr, grad_ptr, part_ptr,
+    lp_ptr, old_ptr, adv_ptr, mask_ptr, w_ptr, ref_ptr, grad_ptr, part_ptr, slr_ptr,
     N, num_programs, clip_low, clip_high, clip_dual, kl_coef,
     HAS_REF: tl.constexpr, DUAL_CLIP: tl.constexpr, KL_TYPE: tl.constexpr, BLOCK_T: tl.constexpr,
+    GSPO: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     offs = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -121,7 +170,16 @@ def _grpo_kernel(
     w = tl.load(w_ptr + offs, mask=in_n, other=0.0)
 
     log_ratio = lp - old
-    log_ratio_c = tl.minimum(tl.maximum(log_ratio, -20.0), 20.0)
+    if GSPO:
+        # s_t = sg[s] · exp(lp - sg[lp]): the value is the sequence ratio, d s_t / d lp = s_t
+        slr = tl.load(slr_ptr + offs, mask=in_n, other=0.0).to(tl.float32)
+        log_ratio_c = tl.minimum(slr, 10.0)
+        in_range = slr <= 10.0
+        neg_kl = -log_ratio
+    else:
+        log_ratio_c = tl.minimum(tl.maximum(log_ratio, -20.0), 20.0)
+        in_range = (log_ratio >= -20.0) & (log_ratio <= 20.0)
+        neg_kl = -log_ratio_c
     ratio = tl.exp(log_ratio_c)
     pg1 = -adv * ratio
     pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
@@ -135,7 +193,7 @@ def _grpo_kernel(
         dual = (adv < 0) & (pg > pg3)
         pg = tl.where(dual, pg3, pg)
         dpg = tl.where(dual, 0.0, dpg)
-    dpg = tl.where((log_ratio >= -20.0) & (log_ratio <= 20.0), dpg, 0.0)
+    dpg = tl.where(in_range, dpg, 0.0)
 
     kl = tl.zeros_like(lp)
     dkl = tl.zeros_like(lp)
@@ -170,7 +228,7 @@ def _grpo_kernel(
     tl.store(part + 1 * num_programs, tl.sum(tl.where(valid & clipped, 1.0, 0.0), axis=0))
     tl.store(part + 2 * num_programs, tl.sum(tl.where(valid & dual, 1.0, 0.0), axis=0))
     tl.store(part + 3 * num_programs, tl.sum(tl.where(valid, kl, 0.0), axis=0))
-    tl.store(part + 4 * num_programs, tl.sum(tl.where(valid, -log_ratio_c, 0.0), axis=0))
+    tl.store(part + 4 * num_programs, tl.sum(tl.where(valid, neg_kl, 0.0), axis=0))
     tl.store(part + 5 * num_programs, tl.sum(tl.where(valid, ratio, 0.0), axis=0))
     tl.store(part + 6 * num_programs, tl.min(tl.where(valid, ratio, float("inf")), axis=0))
     tl.store(part + 7 * num_programs, tl.max(tl.where(valid, ratio, float("-inf")), axis=0))
@@ -193,29 +251,40 @@ def triton_terms(
     w: torch.Tensor,
     ref: torch.Tensor | None,
     opts: GRPOOptions,
+    slr: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat [n] inputs -> (dloss/dlp [n] float32, stat sums [NSTAT]) with the Triton kernel."""
+    """Flat [n] inputs -> (dloss/dlp [n] float32, stat sums [NSTAT]) with the Triton kernel. ``slr``:
+    GSPO's per-token log sequence ratio (:func:`seq_log_ratio`), with ``opts.loss == "gspo"``."""
+    gspo = opts.loss == "gspo"
+    assert not gspo or (slr is not None and slr.numel() == lp.numel()), "loss='gspo' needs slr [n]"
     n = lp.numel()
     block = INTERPRET_BLOCKS["BLOCK_T"] if INTERPRET else GRPO_BLOCK_T
     num_programs = max(1, triton.cdiv(n, block))
     grad = torch.empty(n, device=lp.device, dtype=torch.float32)
     part = torch.empty((len(STAT_NAMES), num_programs), device=lp.device, dtype=torch.float32)
     _grpo_kernel[(num_programs,)](
-        lp, old, adv, mask, w, ref if ref is not None else lp, grad, part,
+        lp, old, adv, mask, w, ref if ref is not None else lp, grad, part, slr if gspo else lp,
         n, num_programs, opts.clip_low, opts.clip_high,
         opts.clip_dual if opts.clip_dual is not None else 0.0, opts.kl_coef,
         HAS_REF=ref is not None, DUAL_CLIP=opts.clip_dual is not None,
-        KL_TYPE=KL_TYPES.index(opts.kl_type), BLOCK_T=block, num_warps=GRPO_NUM_WARPS,
+        KL_TYPE=KL_TYPES.index(opts.kl_type), BLOCK_T=block, num_warps=GRPO_NUM_WARPS, GSPO=gspo,
     )  # fmt: skip
     return grad, reduce_partials(part)
 
 
 # ---------------------------------------------------------------------------------------------- torch math
 def torch_token_terms(
-    lp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, ref: torch.Tensor | None, opts: GRPOOptions
+    lp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, ref: torch.Tensor | None, opts: GRPOOptions,
+    slr: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-token loss (differentiable in lp) and the per-token quantities behind the stats, verl's way."""
-    log_ratio = torch.clamp(lp - old, min=-20.0, max=20.0)
+    """Per-token loss (differentiable in lp) and the per-token quantities behind the stats, verl's way
+    (``slr``: GSPO's log sequence ratio per token, with ``opts.loss == "gspo"``)."""
+    if opts.loss == "gspo":  # verl's compute_policy_loss_gspo: sg[log s] + lp - sg[lp], clamped above
+        log_ratio = torch.clamp(lp - lp.detach() + slr.to(lp.dtype), max=GSPO_LOG_RATIO_MAX)
+        neg_log_ratio = old - lp
+    else:
+        log_ratio = torch.clamp(lp - old, min=-20.0, max=20.0)
+        neg_log_ratio = -log_ratio
     ratio = torch.exp(log_ratio)
     pg1 = -adv * ratio
     pg2 = -adv * torch.clamp(ratio, 1.0 - opts.clip_low, 1.0 + opts.clip_high)
@@ -241,7 +310,7 @@ def torch_token_terms(
         "clipped": (pg2 > pg1).float(),
         "dual": dual.float(),
         "kl": kl,
-        "neg_log_ratio": -log_ratio,
+        "neg_log_ratio": neg_log_ratio,
         "ratio": ratio,
     }
 
@@ -285,8 +354,8 @@ def finish_stats(sums: torch.Tensor) -> dict[str, torch.Tensor]:
 # -------------------------------------------------------------------------------------- autograd Function
 class _GRPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logprobs, old, adv, mask, ref, w, opts):
-        grad, sums = triton_terms(logprobs.reshape(-1).contiguous(), old, adv, mask, w, ref, opts)
+    def forward(ctx, logprobs, old, adv, mask, ref, w, opts, slr=None):
+        grad, sums = triton_terms(logprobs.reshape(-1).contiguous(), old, adv, mask, w, ref, opts, slr)
         ctx.save_for_backward(grad)
         ctx.shape, ctx.dtype = logprobs.shape, logprobs.dtype
         ctx.mark_non_differentiable(sums)
@@ -295,7 +364,7 @@ class _GRPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_sums):
         (grad,) = ctx.saved_tensors
-        return (grad * g_loss).reshape(ctx.shape).to(ctx.dtype), None, None, None, None, None, None
+        return (grad * g_loss).reshape(ctx.shape).to(ctx.dtype), None, None, None, None, None, None, None
 
 
 def on_policy_old(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None) -> torch.Tensor:
@@ -323,6 +392,9 @@ def _grpo_loss(
     opts.validate(ref_logprobs is not None)
     w = token_weights(mask, opts.agg, norm_len=opts.norm_len, seq_ids=seq_ids, num_seqs=num_seqs)
     old_logprobs = on_policy_old(logprobs, old_logprobs)
+    slr = None
+    if opts.loss == "gspo":
+        slr = seq_log_ratio(logprobs, old_logprobs, mask, seq_ids=seq_ids, num_seqs=num_seqs)
     if via_triton:
 
         def flat(t):
@@ -330,13 +402,13 @@ def _grpo_loss(
 
         loss, sums = _GRPOLoss.apply(
             logprobs, flat(old_logprobs), flat(advantages), flat(mask.to(torch.uint8)), flat(ref_logprobs),
-            flat(w), opts,
+            flat(w), opts, flat(slr),
         )  # fmt: skip
         return loss, finish_stats(sums)
     ct = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     terms = torch_token_terms(
         logprobs.to(ct), old_logprobs.to(ct), advantages.to(ct),
-        None if ref_logprobs is None else ref_logprobs.to(ct), opts,
+        None if ref_logprobs is None else ref_logprobs.to(ct), opts, slr,
     )  # fmt: skip
     valid = mask != 0
     loss = (torch.where(valid, terms["loss"], 0.0) * w.to(ct)).sum()
@@ -350,16 +422,17 @@ def grpo_loss(
     mask: torch.Tensor,
     *,
     ref_logprobs: torch.Tensor | None = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
     clip_dual: float | None = None,
     kl_coef: float = 0.0,
     kl_type: str = "low_var_kl",
-    agg: str = "token_mean",
+    agg: str | None = None,
     norm_len: float | None = None,
     seq_ids: torch.Tensor | None = None,
     num_seqs: int | None = None,
     impl: str = "auto",
+    loss: str = "grpo",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """verl's clipped GRPO policy loss (+ ``kl_coef`` · KL to the reference), aggregated by ``agg``.
 
@@ -371,10 +444,17 @@ def grpo_loss(
     (one update per rollout batch, as TRL and nanochat do): the old log-probs are the detached ``logprobs``,
     the ratio is exactly 1 and the gradient that of the unclipped surrogate. ``impl``: "triton", "torch"
     (verl's formulas through autograd) or "auto" (Triton on CUDA or under the interpreter).
+
+    ``loss="gspo"``: verl's ``compute_policy_loss_gspo``. The ratio is the sequence's,
+    ``s = exp(mean over the sequence's masked-in tokens of (logprobs - old))``, clamped above at
+    exp(10); each token's term is clipped as GRPO's with ``sg[s] · exp(logp - sg[logp])`` in place of the
+    token ratio, so the gradient reaches every token (``ratio_*`` stats are of ``s``). ``None`` options
+    take the loss's defaults: clips 0.2 / 0.2 and ``token_mean`` (grpo), 3e-4 / 4e-4 and
+    ``seq_mean_token_mean`` (gspo, as verl). GSPO has no ``clip_dual``.
     """
     via_triton = use_triton(impl, logprobs, advantages, mask)
-    opts = GRPOOptions(clip_low=clip_low, clip_high=clip_high, clip_dual=clip_dual, kl_coef=kl_coef,
-                       kl_type=kl_type, agg=agg, norm_len=norm_len)  # fmt: skip
+    opts = GRPOOptions.for_loss(loss, clip_low=clip_low, clip_high=clip_high, agg=agg, clip_dual=clip_dual,
+                                kl_coef=kl_coef, kl_type=kl_type, norm_len=norm_len)  # fmt: skip
     return _grpo_loss(
         logprobs, old_logprobs, advantages, mask, ref_logprobs, seq_ids, num_seqs, opts, via_triton
     )  # fmt: skip

@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+# The defaults of each [grpo] loss for the keys it leaves unset: kernels.grpo_loss.LOSS_DEFAULTS (not
+# imported: the config stays free of torch and Triton)
+LOSS_DEFAULTS = {"grpo": {"clip_low": 0.2, "clip_high": 0.2, "agg": "token_mean"},
+                 "gspo": {"clip_low": 3e-4, "clip_high": 4e-4, "agg": "seq_mean_token_mean"}}
+
 
 class ConfigError(ValueError):
     """A user error in the config or the command line; the message names the key and the fix."""
@@ -107,14 +112,15 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     lr: float = 0.0  # 0: use optim.lr
-    clip_low: float = 0.2
-    clip_high: float = 0.2
+    loss: Literal["grpo", "gspo"] = "grpo"  # gspo: the sequence ratio (verl's compute_policy_loss_gspo)
+    clip_low: float | None = None  # unset: the loss's default, 0.2 (grpo) or 3e-4 (gspo, the paper's)
+    clip_high: float | None = None  # unset: 0.2 (grpo) or 4e-4 (gspo)
     clip_dual: float = 0.0  # 0: off; else verl's dual-clip constant c (> 1) for negative advantages
     kl_coef: float = 0.0  # KL as a loss term against the frozen reference; 0 skips the reference model
     kl_type: Literal["kl", "abs", "mse", "low_var_kl"] = "low_var_kl"
-    agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = (
-        "token_mean"
-    )
+    # unset: token_mean (grpo) or seq_mean_token_mean (gspo, which verl forces)
+    agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
+                 "seq_mean_token_sum_norm"] | None = None
     std_norm: bool = True  # divide advantages by the group std (GRPO); false: Dr. GRPO
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens; 0: off
@@ -124,6 +130,20 @@ class GRPOConfig:
     val_temperature: float = 0.0  # 0: greedy
     val_n: int = 1
     log_every: int = 1
+    # Rollout correction (rlcs_fast.rollout_correction): TRL's vllm_importance_sampling_mode on the engine's
+    # vs the old policy's log-probs; "none" (EasyR1, the paper's RL code, has none), "token_truncate",
+    # "token_mask", "sequence_truncate", "sequence_mask" (TRL's default)
+    rollout_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate",
+                                "sequence_mask"] = "none"
+    rollout_correction_clip: list[float] = field(default_factory=lambda: [0.0, 3.0])  # [C_min, C_max], TRL's
+    rollout_rejection: str = ""  # verl's rollout_rs, e.g. "token_k1,seq_mean_k3"; empty: no rejection
+    rollout_rejection_threshold: float | str = ""  # verl's rollout_rs_threshold, e.g. "0.5_2.0,0.01"
+
+    def __post_init__(self):  # the loss's defaults for what the config leaves unset
+        defaults = LOSS_DEFAULTS.get(self.loss, LOSS_DEFAULTS["grpo"])
+        for name in ("clip_low", "clip_high", "agg"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, defaults[name])
 
 
 @dataclass(frozen=True)
@@ -298,6 +318,28 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return cfg
 
 
+def validate_rollout_correction(grpo: GRPOConfig) -> None:
+    """The GSPO and rollout-correction keys of [grpo], each error naming its key."""
+    if grpo.loss == "gspo" and grpo.clip_dual:
+        raise ConfigError(f"config key `grpo.clip_dual` = {grpo.clip_dual} is a token-level GRPO option: "
+                          "with `grpo.loss` = \"gspo\" set it to 0 (verl's GSPO has no dual clip).")
+    clip = grpo.rollout_correction_clip
+    if len(clip) != 2 or not 0 <= clip[0] < clip[1]:
+        raise ConfigError(f"config key `grpo.rollout_correction_clip` = {clip} must be [C_min, C_max] with "
+                          "0 <= C_min < C_max (TRL: [0, 3]).")
+    if grpo.rollout_rejection:
+        from .rollout_correction import parse_rejection
+
+        try:
+            parse_rejection(grpo.rollout_rejection, grpo.rollout_rejection_threshold)
+        except ValueError as e:
+            key = "rollout_rejection_threshold" if "threshold" in str(e) else "rollout_rejection"
+            raise ConfigError(f"config key `grpo.{key}`: {e}.") from None
+    elif grpo.rollout_rejection_threshold != "":
+        raise ConfigError("config key `grpo.rollout_rejection_threshold` is set but `grpo.rollout_rejection` "
+                          "is empty: name the criteria (e.g. \"token_k1\") or drop the threshold.")
+
+
 def validate(cfg: Config) -> None:
     """Impossible combinations, caught before any work starts."""
     if not cfg.run.stages:
@@ -350,6 +392,7 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.grpo.clip_low < 1 or cfg.grpo.clip_high < 0:
         raise ConfigError("config keys `grpo.clip_low` (in [0, 1)) and `grpo.clip_high` (>= 0) are out of "
                           "range.")
+    validate_rollout_correction(cfg.grpo)
     if cfg.grpo.clip_dual and cfg.grpo.clip_dual <= 1:
         raise ConfigError(f"config key `grpo.clip_dual` = {cfg.grpo.clip_dual} must be 0 (off) or > 1 (verl "
                           "uses 3).")

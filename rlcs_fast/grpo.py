@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import dist
+from . import dist, rollout_correction
 from .advantages import dynamic_sampling_mask, group_advantages, overlong_penalty
 from .checkpointer import Checkpointer
 from .data import SkipCounter
@@ -51,10 +51,18 @@ class Rollout:
     # (before temperature, top-p and bans), so rollout/logprob_diff compares the same distribution
     raw_logprobs: torch.Tensor | None = None
     group: int = 0  # its prompt's index in the step: a group's responses share the prompt's image
+    # [R] rollout correction (grpo.rollout_correction / rollout_rejection): the factor of each token's
+    # policy-gradient term, and False where rejected (out of the loss and its normaliser)
+    is_weights: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
 
     @functools.cached_property
     def response_len(self) -> int:  # counted once on the host: the micro-batch loops read it often
         return int(self.sample.target_mask.sum())
+
+    @property
+    def loss_tokens(self) -> int:
+        return self.response_len if self.keep is None else int(self.keep.sum())
 
 
 def build_rollouts(prompts: list, completions: list[Completion], advantages: torch.Tensor,
@@ -148,7 +156,7 @@ def grpo_head(grpo, targets, old, adv, mask, ref, seq_ids, norm_len, num_seqs: i
             clip_low=grpo.clip_low, clip_high=grpo.clip_high, clip_dual=grpo.clip_dual or None,
             kl_coef=grpo.kl_coef,
             kl_type=grpo.kl_type, agg=grpo.agg, norm_len=norm_len, seq_ids=seq_ids, num_seqs=num_seqs,
-            with_entropy=True, impl=impl, logprobs_out=lp_out, raw_logprobs_out=raw_out)
+            with_entropy=True, impl=impl, logprobs_out=lp_out, raw_logprobs_out=raw_out, loss=grpo.loss)
 
     return head
 
@@ -161,6 +169,8 @@ class _UpdateInputs:
     old: torch.Tensor | None = None  # [N] old-policy log-probs (None: on-policy, or a filler)
     adv: torch.Tensor | None = None  # [N] each token its response's advantage
     ref: torch.Tensor | None = None  # [N] reference log-probs (with a KL term)
+    mask: torch.Tensor | None = None  # [N] False where rollout rejection drops a token (None: none dropped)
+    n_loss: int = 0  # tokens in the loss (all, less the rejected)
 
 
 def _update_inputs(ctx: StageContext, micro: list, with_ref: bool) -> _UpdateInputs:
@@ -168,14 +178,16 @@ def _update_inputs(ctx: StageContext, micro: list, with_ref: bool) -> _UpdateInp
     batch = pack_rollouts(ctx, micro)
     if micro[0] is None:
         return _UpdateInputs(batch)
+    n_tok = sum(r.response_len for r in micro)
 
     def pinned(t: torch.Tensor) -> torch.Tensor:
         return t.pin_memory() if torch.cuda.is_available() else t
 
     old = None if micro[0].old_logprobs is None else pinned(torch.cat([r.old_logprobs for r in micro]))
-    adv = pinned(torch.cat([torch.full((r.response_len,), r.advantage) for r in micro]))
+    adv = torch.cat([torch.full((r.response_len,), r.advantage) for r in micro])
+    adv, mask, n_loss = corrected_tokens(micro, adv, n_tok)
     ref = pinned(torch.cat([r.ref_logprobs for r in micro])) if with_ref else None
-    return _UpdateInputs(batch, old, adv, ref)
+    return _UpdateInputs(batch, old, pinned(adv), ref, None if mask is None else pinned(mask), n_loss)
 
 
 def zero_loss_head(hidden: torch.Tensor, weight: torch.Tensor):
@@ -194,6 +206,69 @@ def _fill_on_policy_logprobs(order: list[Rollout], lp_parts: list, raw_parts: li
         r.old_logprobs = logprobs
     for r, logprobs in zip(order, torch.split(torch.cat(raw_parts).cpu(), lengths) if raw_parts else []):
         r.raw_logprobs = logprobs
+# --- rollout correction ------------------------------------------------------------------------------------
+
+def trainer_vs_engine(r: Rollout) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(the old policy's, the engine's) log-probs at T = 1 of a rollout's first tokens (as many as both
+    have), or None when either is missing. Engines report raw log-probs: both sides are the same
+    distribution whatever the sampling temperature."""
+    if r.engine_logprobs is None or r.old_logprobs is None:
+        return None
+    trainer = r.raw_logprobs if r.raw_logprobs is not None else r.old_logprobs
+    engine = torch.tensor(r.engine_logprobs[: r.response_len], dtype=torch.float32)
+    return trainer[: engine.numel()].float(), engine
+
+
+def correct_rollouts(ctx: StageContext, rollouts: list[Rollout], *, apply: bool) -> dict[str, float]:
+    """``rollout_correction.weights`` on the step's rollouts: with ``apply``, each rollout's ``is_weights``
+    and ``keep``; always, the ``rollout_corr/*`` metrics over all ranks' response tokens."""
+    grpo = ctx.cfg.grpo
+    pairs = [trainer_vs_engine(r) for r in rollouts]
+    if apply and any(p is None for p in pairs):
+        raise RuntimeError("grpo.rollout_correction / rollout_rejection need the engine's log-probs: the "
+                           f"{ctx.cfg.rollout.engine!r} engine returned none for some responses")
+    width = max([r.response_len for r in rollouts], default=0)
+    old = torch.zeros(len(rollouts), width)  # [B, T] the responses padded; mask: where both log-probs are
+    engine = torch.zeros(len(rollouts), width)
+    mask = torch.zeros(len(rollouts), width, dtype=torch.bool)
+    for i, pair in enumerate(pairs):
+        if pair is not None:
+            n = pair[1].numel()
+            old[i, :n], engine[i, :n], mask[i, :n] = pair[0], pair[1], True
+    clip_min, clip_max = grpo.rollout_correction_clip
+    w, keep, m = rollout_correction.weights(
+        old, engine, mask, mode=grpo.rollout_correction, clip_min=clip_min, clip_max=clip_max,
+        rejection=grpo.rollout_rejection or None, rejection_threshold=grpo.rollout_rejection_threshold)
+    if apply:
+        for i, r in enumerate(rollouts):
+            n = r.response_len  # tokens without an engine log-prob (none expected) stay in, weight as TRL's
+            r.is_weights, r.keep = w[i, :n].clone(), (keep[i, :n] | ~mask[i, :n])
+    # global over ranks: token means weighted by tokens, the sequence fraction by rows, extremes by max
+    key, means = "rollout_corr/{}".format, ("kl_k1", "kl_k3", "ratio_mean", "masked_token_fraction")
+    n_tok, rows = float(mask.sum()), float(len(rollouts))
+    sums = dist.reduce_sums({"n": n_tok, "rows": rows, **{k: m[key(k)] * n_tok for k in means},
+                             "masked_seq_fraction": m[key("masked_seq_fraction")] * rows})
+    ext = dist.reduce_sums({"ratio_max": m[key("ratio_max")] if n_tok else -math.inf,
+                            "neg_ratio_min": -m[key("ratio_min")] if n_tok else -math.inf}, "max")
+    out = {key(k): sums[k] / sums["n"] if sums["n"] else 0.0 for k in means}
+    out[key("masked_seq_fraction")] = sums["masked_seq_fraction"] / max(sums["rows"], 1.0)
+    out[key("ratio_max")] = ext["ratio_max"] if sums["n"] else 0.0
+    out[key("ratio_min")] = -ext["neg_ratio_min"] if sums["n"] else 0.0
+    return out
+
+
+def corrected_tokens(real: list[Rollout], adv: torch.Tensor,
+                     n_tok: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(advantages times the rollout-correction weights, loss mask without the rejected tokens or None
+    when nothing is dropped, tokens in the loss) of a micro-batch's packed response tokens [N], on the
+    host. The weights are ≥ 0, and every policy loss
+    here is positively homogeneous in the advantage (max(-cA·r, -cA·clip(r)) = c·max(...)): scaling the
+    advantage scales the policy-gradient term alone, not the KL, as verl's rollout_is_weights do."""
+    if not real or real[0].keep is None:
+        return adv, None, n_tok
+    keep = torch.cat([r.keep for r in real])
+    weights = torch.cat([r.is_weights for r in real])
+    return adv * weights, keep, int(keep.sum())
 
 
 def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, *, with_ref: bool,
@@ -204,7 +279,7 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, *, with_ref: 
     into ``old_logprobs`` afterwards) and no separate old-policy forward runs. ``finite`` in the result:
     False when the loss or gradient norm was NaN/inf on some rank, and the step was not applied."""
     grpo = ctx.cfg.grpo
-    totals = dist.reduce_sums({"tokens": sum(r.response_len for r in rollouts), "seqs": len(rollouts)})
+    totals = dist.reduce_sums({"tokens": sum(r.loss_tokens for r in rollouts), "seqs": len(rollouts)})
     micro, n_real = plan_rollouts(ctx, rollouts, grpo.max_tokens_per_microbatch)
     # loss, then the token sums of clip_frac, kl, entropy, ratio_mean: on the device, read once at the end
     acc = torch.zeros(5, dtype=torch.float64, device=ctx.device)
@@ -222,13 +297,15 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, *, with_ref: 
         raw_out = torch.empty(n_tok, device=ctx.device) if on_policy and with_raw else None
         old, adv, ref = (None if t is None else t.to(ctx.device, non_blocking=True)
                          for t in (None if on_policy else host.old, host.adv, host.ref))
-        mask = torch.ones(n_tok, dtype=torch.bool, device=ctx.device)
+        mask = (torch.ones(n_tok, dtype=torch.bool, device=ctx.device) if host.mask is None
+                else host.mask.to(ctx.device, non_blocking=True))
+        n_loss = host.n_loss  # the tokens the loss counts: rollout rejection drops some
         # the aggregation's denominators are those of the whole mini-batch on all ranks; FSDP2 averages
         # gradients over ranks, so `world` undoes that
         scale = float(ctx.world)
         norm_len = None
         if grpo.agg == "token_mean":
-            scale *= n_tok / max(totals["tokens"], 1.0)
+            scale *= n_loss / max(totals["tokens"], 1.0)
         elif grpo.agg == "seq_mean_token_sum_norm":
             norm_len = grpo.max_response_length * totals["seqs"]
         head = grpo_head(grpo, targets, old, adv, mask, ref, batch.seq_ids.index_select(0, index), norm_len,
@@ -242,7 +319,7 @@ def update(ctx: StageContext, rollouts: list[Rollout], opt, sched, *, with_ref: 
                 raw_parts.append(raw_out)
         # token-weighted statistics: divided by all tokens below
         acc += torch.stack([loss.detach().double() * (scale / ctx.world)]
-                           + [stats[name].detach().double() * n_tok
+                           + [stats[name].detach().double() * n_loss
                               for name in ("clip_frac", "kl", "entropy", "ratio_mean")])
     if on_policy:
         _fill_on_policy_logprobs([r for mb in micro[:n_real] for r in mb], lp_parts, raw_parts)
@@ -270,6 +347,7 @@ class StepPlan:
     with_ref: bool  # a KL term: reference log-probs
     on_policy: bool  # one update per rollout batch: the old log-probs are the update's own (detached)
     with_raw: bool  # rollout temperature != 1: old log-probs at T = 1 too (engines report those)
+    correct: bool = False  # rollout correction or rejection: the old log-probs before the first update
 
 
 @dataclass
@@ -368,7 +446,7 @@ def fill_logprobs(ctx: StageContext, rollouts: list[Rollout], ref_policy, plan: 
     grpo = ctx.cfg.grpo
     budget, temperature = grpo.max_tokens_per_microbatch, grpo.temperature
     with timer("time/old"):
-        if not plan.on_policy:
+        if not plan.on_policy or plan.correct:
             old = compute_logprobs(ctx.policy, rollouts, ctx=ctx, max_tokens=budget, temperature=temperature,
                                    with_raw=plan.with_raw)
             for r, logprobs in zip(rollouts, old):
@@ -446,7 +524,8 @@ def run_grpo(ctx: StageContext) -> None:
                           n=grpo.val_n)
     start = checkpointer.resume()
     plan = StepPlan(with_ref=grpo.kl_coef > 0, on_policy=updates_per_step == 1,
-                    with_raw=grpo.temperature != 1.0)
+                    with_raw=grpo.temperature != 1.0,
+                    correct=grpo.rollout_correction != "none" or bool(grpo.rollout_rejection))
     ref_policy = ctx.reference_policy() if plan.with_ref else None
     log.info("grpo: %d steps, %d prompts x %d responses, %d update(s) per step, kl_coef %g%s, from step %d",
              grpo.steps, grpo.rollout_batch_size, grpo.n, updates_per_step, grpo.kl_coef,
@@ -464,12 +543,15 @@ def run_grpo(ctx: StageContext) -> None:
             scored = score(ctx, prompts, generated.completions, guard, step)
         balance_stats = balance(ctx, scored, timer)
         fill_logprobs(ctx, scored.rollouts, ref_policy, plan, timer)
+        corr = correct_rollouts(ctx, scored.rollouts, apply=True) if plan.correct else None
         train_stats = train(ctx, scored, opt, sched, plan, guard, step, timer)
+        if corr is None:  # the mismatch metrics all the same (on-policy, from the update's own log-probs)
+            corr = correct_rollouts(ctx, scored.rollouts, apply=False)
         # the next step's sync pushes the new weights to the engine
         tokens = dist.reduce_sums({"tokens": sum(r.sample.input_ids.numel() for r
                                                  in scored.rollouts)})["tokens"]
         dt = time.perf_counter() - t0
-        row = {**rollout_metrics(ctx, generated, scored, len(prompts)), **train_stats,
+        row = {**rollout_metrics(ctx, generated, scored, len(prompts)), **corr, **train_stats,
                "train/skipped_steps": guard.skipped, **scored.health, **skips.metrics(), **timer.times,
                **generated.engine_memory, **balance_stats, "perf/tokens_per_s": tokens / dt, "time/step": dt,
                "mem/peak_gb": peak_memory_gb(ctx.device)}

@@ -115,6 +115,7 @@ def test_recipe_values(size):
     assert (g.val_temperature, g.val_n) == (0.5, 1)
     assert grpo.reward.format_weight == 0 and grpo.reward.function == ""
     assert grpo.rollout.engine == "vllm"
+    assert g.loss == "grpo" and g.rollout_correction == "none" and not g.rollout_rejection  # EasyR1 has none
     assert grpo.model.gradient_checkpointing and not grpo.model.freeze_vision
     # the policy sees in RL the prompt it was cold-started on
     assert sft.data.system_prompt == grpo.data.system_prompt
