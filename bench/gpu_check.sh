@@ -6,7 +6,7 @@
 # The device (one H200, bare image: torch 2.11, triton 3.6, transformers 5.17, pytest, pytest-benchmark;
 # no vLLM, flash-attn, liger-kernel, datasets; no network) allows 15 minutes of device time in all,
 # 10 minutes per command and 64 MiB per transfer (working tree and carried wheels together). This script
-# stays under 9 minutes: tests 60 s, kernels 7B 150 s, kernels 3B 80 s, kernels Qwen3-VL-8B 70 s, 3B train
+# stays under 8 minutes: tests 60 s, kernels 7B 130 s, kernels 3B 60 s, kernels Qwen3-VL-8B 60 s, 3B train
 # step 80 s, 3B GRPO step 90 s, each killed at its budget with what it measured kept.
 #
 # Wheels (kept out of git in .whl/, which .gitignore lists; 19 MB): transformers 5.19 is the first release
