@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 
-class ModelFamily:
+class ModelFamily(ABC):
     """One multimodal architecture. Subclasses set the class attributes and implement
     ``vision_kwargs``, ``count_params`` / ``merger_params`` and the tiny model."""
 
@@ -106,10 +107,10 @@ class ModelFamily:
         return pos
 
     # --- vision tower -------------------------------------------------------------------------------
+    @abstractmethod
     def vision_kwargs(self, vision_config: Any, image_grid_thw: Tensor) -> dict[str, Any]:
         """The ViT's data-dependent inputs for ``image_grid_thw``, computed on the host and named as
         ``get_image_features`` accepts them precomputed (``image_*``)."""
-        raise NotImplementedError
 
     def dummy_vision_output(self, visual: nn.Module, device: torch.device) -> Tensor:
         """Sum of every output of the vision tower (merged tokens and, where the family has them, the
@@ -138,37 +139,38 @@ class ModelFamily:
         return ("merger.",)
 
     # --- planner ------------------------------------------------------------------------------------
+    @abstractmethod
     def count_params(self, config: Any) -> tuple[int, int]:
         """(text, vision) parameter counts of the model built from ``config``, tied embeddings once."""
-        raise NotImplementedError
 
+    @abstractmethod
     def unit_params(self, config: Any) -> tuple[int, int]:
         """(one decoder layer, one vision block) parameters: the non-root FSDP2 units."""
-        raise NotImplementedError
 
+    @abstractmethod
     def merger_params(self, vision_config: Any) -> int:
         """Parameters that ``model.freeze_vision`` still trains."""
-        raise NotImplementedError
 
     # --- tiny model ---------------------------------------------------------------------------------
+    @abstractmethod
     def tiny_config(self) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def build_model(self, *, seed: int = 0) -> nn.Module:
         """The tiny model with float32 weights drawn from ``seed``; the caller's RNG state untouched."""
-        raise NotImplementedError
 
+    @abstractmethod
     def build_processor(self, tokenizer: Any = None, *, min_pixels: int, max_pixels: int) -> Any:
         """The family's stock processor around the tiny tokenizer, with the chat template set."""
-        raise NotImplementedError
 
+    @abstractmethod
     def build_tiny(self, out_dir: str | Path, *, seed: int = 0) -> Path:
         """Write the offline tiny model as an ordinary HF directory; same seed, same bytes."""
-        raise NotImplementedError
 
+    @abstractmethod
     def tiny_fingerprint_parts(self) -> tuple[str, ...]:
         """Everything beyond the shared tokenizer corpus that shapes the tiny directory."""
-        raise NotImplementedError
 
     # --- a stand-in for a released checkpoint (the CI rehearsal's offline hub cache) -----------------
     released_pixels: tuple[int, int] = (0, 0)  # the released processor's (min, max) pixels
