@@ -18,18 +18,12 @@ from pathlib import Path
 
 
 def qwen2_5_vl_tiny(out: Path, *, tied: bool, seed: int = 0) -> Path:
-    from rlcs_fast.tiny import build_model, build_processor
+    """The family's stand-in for the released 3B (tied) or 7B (untied) config: real token ids and
+    vocabulary, tiny weights, the released processor files."""
+    from rlcs_fast.families import build_stand_in
+    from rlcs_fast.families.qwen2_5_vl import RELEASED
 
-    model = build_model(seed=seed)
-    if not tied:  # the 7B's separate lm_head: untie, then give the head weights of its own
-        import torch
-
-        model.config.tie_word_embeddings = False
-        model.config.text_config.tie_word_embeddings = False
-        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 0.5)
-    model.save_pretrained(out)
-    build_processor().save_pretrained(out)
-    return out
+    return build_stand_in(RELEASED["3b" if tied else "7b"], out, seed=seed)
 
 
 def qwen3_vl_tiny(out: Path, *, tied: bool, seed: int = 0) -> Path:

@@ -15,37 +15,12 @@ import pytest
 import torch
 
 from rlcs_fast.config import load_config
+from rlcs_fast.families.qwen2_5_vl import RELEASED  # the released config.json files
 from rlcs_fast.plan import count_params, load_model_config, model_arch
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 RECIPES = ["sft_3b", "sft_7b", "grpo_3b", "grpo_7b", "sft_qwen3vl_4b", "sft_qwen3vl_8b", "grpo_qwen3vl_4b",
            "grpo_qwen3vl_8b"]
-
-# The released Qwen/Qwen2.5-VL-{3B,7B}-Instruct config.json values (legacy layout, as published).
-_VISION = {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-           "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
-           "window_size": 112,
-           "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2}
-_COMMON = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-           "attention_dropout": 0.0,
-           "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
-           "vision_end_token_id": 151653,
-           "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656,
-           "hidden_act": "silu",
-           "initializer_range": 0.02, "max_position_embeddings": 128000, "rms_norm_eps": 1e-06,
-           "rope_theta": 1000000.0,
-           "sliding_window": 32768, "use_sliding_window": False, "torch_dtype": "bfloat16", "use_cache": True,
-           "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
-RELEASED = {
-    "3b": {**_COMMON, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
-           "num_attention_heads": 16,
-           "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
-           "max_window_layers": 70, "vision_config": {**_VISION, "out_hidden_size": 2048}},
-    "7b": {**_COMMON, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-           "num_attention_heads": 28,
-           "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
-           "max_window_layers": 28, "vision_config": {**_VISION, "out_hidden_size": 3584}},
-}
 
 
 # the released repos' small files the launch preflight reads (values as published)
