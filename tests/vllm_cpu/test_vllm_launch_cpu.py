@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from hub_cache import cache_tiny  # noqa: E402
+from hub_cache import put_in_cache  # noqa: E402
 
 from rlcs_fast.rollout.engine import SamplingParams  # noqa: E402
 from rlcs_fast.tiny import SPECIAL_IDS, build_model, build_processor  # noqa: E402
@@ -46,6 +46,12 @@ class Req:
         self.images = images
 
 
+def _tiny_checkpoint(out: Path) -> Path:
+    build_model(seed=0).save_pretrained(out)
+    build_processor().save_pretrained(out)
+    return out
+
+
 def test_a_hub_id_engine_from_the_offline_cache_samples_seeded_batches(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
@@ -54,7 +60,8 @@ def test_a_hub_id_engine_from_the_offline_cache_samples_seeded_batches(tmp_path,
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    cache_tiny(tmp_path / "hf_home", REPO)
+    # the tiny model itself under the 7B's hub id: the weights pushed below are the tiny's
+    put_in_cache(tmp_path / "hf_home", REPO, _tiny_checkpoint)
     with pytest.raises(ValueError, match="resolve a hub id"):
         VLLMEngine(REPO, max_model_len=256)
     path = resolve_model_path(REPO)
